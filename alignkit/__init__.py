@@ -1,0 +1,3 @@
+"""alignkit: align language models after pre-training."""
+
+__version__ = "0.1.0"
