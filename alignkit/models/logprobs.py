@@ -1,0 +1,72 @@
+"""Per-token log-probabilities of response tokens, without full-vocabulary logits for the whole batch.
+
+The trunk runs once over the batch; the vocabulary projection (``lm_head``) and the log-softmax run only at the
+positions whose next token is a response token, ``chunk`` positions at a time. Under autograd each chunk is
+checkpointed, so its float32 logits are recomputed in the backward pass instead of being kept: peak memory for
+the projection is ``chunk x vocab`` floats rather than ``batch x length x vocab``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def unwrap(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_states(model, input_ids_BT, attention_mask_BT) -> torch.Tensor:
+    """Last hidden states ``[B, T, D]`` of the decoder trunk (the LM head is not applied)."""
+    trunk = unwrap(model).get_decoder()
+    return trunk(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).last_hidden_state
+
+
+def _token_logps(head, softcap, h_ND, target_N):
+    logits = head(h_ND).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, target_N[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(model, input_ids_BT, attention_mask_BT, loss_mask_BT, *, chunk: int = 1024) -> torch.Tensor:
+    """Log-probs ``[B, T]`` of each token given its prefix, filled only where ``loss_mask_BT`` is true (0 elsewhere).
+
+    ``loss_mask_BT[b, t]`` marks token ``t`` as a response token; it is predicted from position ``t - 1``, so
+    position 0 can never be a response token.
+    """
+    base = unwrap(model)
+    h_BTD = hidden_states(model, input_ids_BT, attention_mask_BT)
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    where = loss_mask_BT[:, 1:]
+    h_ND = h_BTD[:, :-1][where]
+    target_N = input_ids_BT[:, 1:][where]
+    pieces = []
+    for start in range(0, h_ND.shape[0], chunk):
+        args = (head, softcap, h_ND[start : start + chunk], target_N[start : start + chunk])
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_token_logps, *args, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(*args))
+    out_BT = torch.zeros(input_ids_BT.shape, dtype=torch.float32, device=input_ids_BT.device)
+    if pieces:
+        out_BT[:, 1:][where] = torch.cat(pieces)
+    return out_BT
+
+
+def sequence_logps(model, batch: dict, *, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of response-token log-probs ``[B]`` and the number of response tokens ``[B]`` of each row."""
+    mask_BT = batch["loss_mask"]
+    lp_BT = token_logps(model, batch["input_ids"], batch["attention_mask"], mask_BT, chunk=chunk)
+    return lp_BT.sum(-1), mask_BT.sum(-1).float()
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """bf16 autocast for ``precision='bf16'``, a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,98 @@
+"""What every recipe does around the training loop: logging, data, model, config and final model on disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from alignkit.config import TrainConfig, to_dict
+from alignkit.data.formats import describe, load_examples
+from alignkit.data.tokenize import Encoded, encode_all
+from alignkit.models.loading import LoraSettings, base_model_path, load_model
+from alignkit.train import dist
+
+log = logging.getLogger("alignkit")
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Prepared:
+    model: object
+    tokenizer: object
+    train: list[Encoded]
+    eval: list[Encoded]
+    out: Path
+
+
+def prepare(cfg: TrainConfig, kind: str) -> Prepared:
+    """Validate the data (all of it, before any model is loaded), load the model, tokenize, split, save config."""
+    setup_logging()
+    dist.init()
+    seed_everything(cfg.seed)
+    loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
+    log.info(describe(loaded))
+    held = load_examples(cfg.eval_data, kind, skip_invalid=cfg.skip_invalid).examples if cfg.eval_data else []
+    examples = loaded.examples
+    if not held and cfg.eval_fraction > 0:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_eval = max(1, int(round(cfg.eval_fraction * len(examples))))
+        held = [examples[i] for i in order[:n_eval]]
+        examples = [examples[i] for i in sorted(order[n_eval:])]
+    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
+    model, tok = load_model(cfg.model, lora=lora, seed=cfg.seed)
+    enc_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None, truncation=cfg.truncation)
+    train, ev = encode_all(examples, tok, **enc_args), encode_all(held, tok, **enc_args)
+    if train.n_truncated or train.n_dropped:
+        log.info("over max_length=%d: %d rows truncated, %d dropped (truncation=%s)",
+                 cfg.max_length, train.n_truncated, train.n_dropped, cfg.truncation)
+    if not train.rows:
+        from alignkit.errors import DataError
+
+        raise DataError("no training rows left after truncation", path=cfg.data)
+    out = Path(cfg.output_dir)
+    if dist.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%s: %d train rows, %d eval rows, %.2fM trainable parameters", cfg.model, len(train.rows), len(ev.rows), n_params / 1e6)
+    return Prepared(model, tok, train.rows, ev.rows, out)
+
+
+def save_final(model, tok, cfg: TrainConfig, method: str, summary: dict):
+    """Write ``OUTPUT/final/``: merged weights (or the LoRA adapter naming its base), tokenizer, and a summary.
+
+    Returns the model to keep using (the merged one when LoRA was merged).
+    """
+    out = Path(cfg.output_dir) / "final"
+    if hasattr(model, "merge_and_unload") and cfg.save_merged:
+        model = model.merge_and_unload()
+    if dist.rank() == 0:
+        if hasattr(model, "peft_config"):
+            for pc in model.peft_config.values():
+                pc.base_model_name_or_path = base_model_path(cfg.model)
+        model.config.use_cache = True
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "alignkit.json").write_text(json.dumps({"method": method, "base_model": cfg.model, **summary}, indent=2))
+        log.info("final model written to %s", out)
+    return model

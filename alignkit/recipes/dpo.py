@@ -1,0 +1,218 @@
+"""The offline preference family: ``alignkit dpo loss=dpo|cdpo|robust|hinge|ipo|kto|orpo|simpo``.
+
+Preference rows hold two responses (chosen, rejected) that go through the model in one forward pass. KTO rows
+hold one response with its label plus a *mismatched* response (another row's completion to this prompt), whose
+log-ratio gives KTO's reference point z0 over the whole step.
+
+Reference log-probs are computed once before training with the initial model (with LoRA: the base with
+adapters off) and kept with the rows, so no reference model stays in memory (``reference=cached``); they are
+saved in ``OUTPUT/reference_logps.pt`` so a resumed full fine-tune still compares with the initial model.
+``reference=live`` recomputes them every step instead, from a frozen copy or with adapters off.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+
+from alignkit.config import DPOConfig
+from alignkit.data.collate import collate
+from alignkit.data.tokenize import Encoded
+from alignkit.losses.preference import PairLogps, PreferenceOutput, UnpairedLogps, get_loss, kto_reference_point
+from alignkit.models.logprobs import autocast, sequence_logps
+from alignkit.recipes.common import prepare, save_final
+from alignkit.train import dist
+from alignkit.train.loop import micro_batches, train
+
+log = logging.getLogger("alignkit")
+
+
+def response_logps(model, rows: list[Encoded], responses: tuple[int, ...], pad_id: int, chunk: int):
+    """Summed log-probs and token counts ``[B, len(responses)]`` of the given responses of each row."""
+    lp, n = sequence_logps(model, collate(rows, responses, pad_id), chunk=chunk)
+    return lp.view(len(responses), len(rows)).T, n.view(len(responses), len(rows)).T
+
+
+def reference_off(model):
+    """A context in which ``model`` computes the reference: LoRA adapters disabled (or nothing to change)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+class Reference:
+    """Reference log-probs ``[B, R]`` for rows: cached on each row (``row.extra['ref']``) or computed live."""
+
+    def __init__(self, model, mode: str, pad_id: int, chunk: int, batch_size: int, precision: str):
+        self.mode, self.pad_id, self.chunk, self.batch_size, self.precision = mode, pad_id, chunk, batch_size, precision
+        self.frozen = None
+        if mode == "live" and not hasattr(model, "disable_adapter"):
+            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def _compute(self, model, rows: list[Encoded]) -> torch.Tensor:
+        net = self.frozen if self.frozen is not None else model
+        ctx = contextlib.nullcontext() if self.frozen is not None else reference_off(model)
+        with torch.no_grad(), ctx:
+            n_resp = tuple(range(len(rows[0].responses)))
+            return response_logps(net, rows, n_resp, self.pad_id, self.chunk)[0]
+
+    def fill(self, model, rows: list[Encoded], cache: Path | None = None, reuse: bool = False, desc: str = "reference") -> None:
+        """Compute and keep reference log-probs on every row; with ``reuse``, read them from ``cache`` if it
+        was written for the same rows (a resumed run must compare with the *initial* model)."""
+        if self.mode == "live" or not rows:
+            return
+        key = _fingerprint(rows)
+        if reuse and cache is not None and cache.exists():
+            saved = torch.load(cache)
+            if saved["fingerprint"] == key:
+                for row, ref in zip(rows, saved["logps"]):
+                    row.extra["ref"] = ref
+                log.info("reference log-probs loaded from %s", cache)
+                return
+            log.warning("%s was written for other rows: recomputing", cache)
+        was_training = model.training
+        model.eval()
+        from tqdm.auto import tqdm
+
+        batches = micro_batches(rows, self.batch_size, True)
+        for mb in tqdm(batches, desc=desc, unit="batch", disable=dist.rank() != 0, dynamic_ncols=True):
+            with autocast(self.precision):
+                refs = self._compute(model, mb)
+            for row, ref in zip(mb, refs):
+                row.extra["ref"] = ref.float()
+        model.train(was_training)
+        if cache is not None and dist.rank() == 0:
+            tmp = cache.with_suffix(".tmp")
+            torch.save({"fingerprint": key, "logps": torch.stack([r.extra["ref"] for r in rows])}, tmp)
+            tmp.replace(cache)
+
+    def logps(self, model, rows: list[Encoded]) -> torch.Tensor:
+        if self.mode == "live":
+            return self._compute(model, rows)
+        return torch.stack([r.extra["ref"] for r in rows])
+
+
+def _fingerprint(rows: list[Encoded]) -> str:
+    h = hashlib.sha1()
+    for r in rows:
+        h.update(repr((r.prompt, r.responses)).encode())
+    return h.hexdigest()
+
+
+class PreferenceTask:
+    def __init__(self, cfg: DPOConfig, pad_id: int, reference: Reference | None):
+        self.batch_size = cfg.batch_size
+        self.spec = get_loss(cfg.loss)
+        self.hparams = {k: getattr(cfg, k) for k in self.spec.hparams}
+        self.pad_id, self.chunk, self.reference = pad_id, cfg.logits_chunk, reference
+        self.z0 = torch.tensor(0.0)
+
+    def weight(self, row: Encoded) -> float:
+        return 1.0
+
+    def begin_step(self, model, rows: list[Encoded]) -> None:
+        """KTO: z0 = max(0, mean log-ratio of the step's mismatched pairs), over all processes, no gradient."""
+        if self.spec.paired:
+            return
+        total = 0.0
+        with torch.no_grad():
+            for mb in micro_batches(rows, self.batch_size, True):
+                lp, _ = response_logps(model, mb, (1,), self.pad_id, self.chunk)
+                total += (lp[:, 0] - self.reference.logps(model, mb)[:, 1]).sum().item()
+        stats = dist.all_reduce_sum(torch.tensor([total, float(len(rows))], dtype=torch.float64))
+        self.z0 = kto_reference_point(stats[:1] / stats[1])
+
+    def forward(self, model, rows: list[Encoded]) -> PreferenceOutput:
+        ref = self.reference.logps(model, rows) if self.spec.needs_reference else None
+        if self.spec.paired:
+            lp, n = response_logps(model, rows, (0, 1), self.pad_id, self.chunk)
+            batch = PairLogps(lp[:, 0], lp[:, 1], n[:, 0], n[:, 1],
+                              ref[:, 0] if ref is not None else None, ref[:, 1] if ref is not None else None)
+            return self.spec.fn(batch, **self.hparams)
+        lp, n = response_logps(model, rows, (0,), self.pad_id, self.chunk)
+        desirable = torch.tensor([bool(r.label) for r in rows])
+        batch = UnpairedLogps(lp[:, 0], n[:, 0], ref[:, 0], desirable)
+        return self.spec.fn(batch, reference_point=self.z0, **self.hparams)
+
+    def loss(self, model, rows, normaliser):
+        out = self.forward(model, rows)
+        total = out.losses.sum()
+        return total / normaliser, {"loss": (total.item(), float(len(rows))), **reward_metrics(out, self.spec.paired)}
+
+    def evaluate(self, model, rows: list[Encoded], batch_size: int) -> dict:
+        sums: dict[str, list[float]] = {}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            if not self.spec.paired:
+                self.begin_step(model, rows)
+            for mb in micro_batches(rows, batch_size, True):
+                _, metrics = self.loss(model, mb, 1.0)
+                if self.spec.paired:
+                    lp, n = response_logps(model, mb, (0, 1), self.pad_id, self.chunk)
+                    metrics["logp_accuracy"] = (float((lp[:, 0] > lp[:, 1]).sum()), float(len(mb)))
+                for k, (s, c) in metrics.items():
+                    acc = sums.setdefault(k, [0.0, 0.0])
+                    acc[0] += s
+                    acc[1] += c
+        model.train(was_training)
+        return {k: s / c for k, (s, c) in sums.items() if c > 0}
+
+
+def reward_metrics(out: PreferenceOutput, paired: bool) -> dict[str, tuple[float, float]]:
+    """Implicit-reward metrics as (sum, count): chosen and rejected means, and for pairs the margin and accuracy."""
+    ch, rj = out.chosen_rewards.float(), out.rejected_rewards.float()
+    m = {"rewards/chosen": (ch.sum().item(), float(ch.numel())), "rewards/rejected": (rj.sum().item(), float(rj.numel()))}
+    if paired:
+        margin = ch - rj
+        m["rewards/margin"] = (margin.sum().item(), float(margin.numel()))
+        m["rewards/accuracy"] = (float((margin > 0).sum()), float(margin.numel()))
+    for k, v in out.metrics.items():
+        m[k] = (v.float().sum().item(), float(v.numel()))
+    return m
+
+
+def kto_rows(rows: list[Encoded]) -> list[Encoded]:
+    """Give each unpaired row a mismatched response: the completion of the row half the data set away."""
+    n = len(rows)
+    if n < 2:
+        return rows
+    for i, row in enumerate(rows):
+        row.responses = [row.responses[0], rows[(i + n // 2) % n].responses[0][:]]
+    return rows
+
+
+def run(cfg: DPOConfig) -> dict:
+    spec = get_loss(cfg.loss)
+    p = prepare(cfg, "preference" if spec.paired else "unpaired")
+    if not spec.paired:
+        kto_rows(p.train)
+        kto_rows(p.eval)
+    pad = p.tokenizer.pad_token_id
+    reference = None
+    if spec.needs_reference:
+        reference = Reference(p.model, cfg.reference, pad, cfg.logits_chunk, cfg.batch_size, cfg.precision)
+        reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=cfg.resume)
+        reference.fill(p.model, p.eval, desc="reference (eval)")
+    task = PreferenceTask(cfg, pad, reference)
+    evaluate = (lambda: task.evaluate(p.model, p.eval, cfg.batch_size)) if p.eval else None
+    before = {}
+    if evaluate is not None and not cfg.resume:
+        with autocast(cfg.precision):
+            before = evaluate()
+        log.info("before training (held out): %s", _fmt(before))
+    result = train(task, p.model, p.train, cfg, evaluate=evaluate)
+    after = {k[5:]: v for k, v in (result.history[-1] if result.history else {}).items() if k.startswith("eval/")}
+    if after:
+        log.info("after training (held out):  %s", _fmt(after))
+    summary = {"steps": result.steps, "eval_before": before, "eval_after": after,
+               "train_last": {k: v for k, v in (result.history[-1] if result.history else {}).items() if not k.startswith("eval/")}}
+    save_final(p.model, p.tokenizer, cfg, f"dpo:{cfg.loss}", summary)
+    return summary
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))

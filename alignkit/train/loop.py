@@ -1,0 +1,240 @@
+"""The one training loop every method uses.
+
+A method supplies a :class:`Task`: how much each row weighs in the step's normaliser (response tokens for SFT,
+one per pair for DPO) and the *summed* loss of a micro-batch. The loop divides every micro-batch's sum by the
+total weight of the whole optimizer step, counted over all micro-batches and all processes, before calling
+backward. So batch 8 x accumulation 1, batch 1 x accumulation 8 and 2 processes x batch 4 all take the same
+step, and padding or the grouping of rows into micro-batches changes nothing.
+
+Data order: step ``s`` takes positions ``[s*G, (s+1)*G)`` of the concatenated per-epoch permutations
+(epoch ``e`` shuffled with seed ``seed + e``), where G is the global batch; process ``r`` of ``W`` takes every
+W-th of those rows. The order depends only on the seed and the step, which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from alignkit.config import TrainConfig
+from alignkit.data.tokenize import Encoded
+from alignkit.models.logprobs import autocast
+from alignkit.train import checkpoint, dist
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, tuple[float, float]]
+"""Metric name -> (sum, count); the loop adds these up over micro-batches and processes and reports sum/count."""
+
+
+class Task(Protocol):
+    def weight(self, row: Encoded) -> float:
+        """This row's share of the step's normaliser."""
+
+    def loss(self, model, rows: list[Encoded], normaliser: float) -> tuple[torch.Tensor, Metrics]:
+        """The micro-batch's loss already divided by ``normaliser`` (the whole step's weight), and metrics."""
+
+
+@dataclass
+class Schedule:
+    n_rows: int
+    global_batch: int
+    seed: int
+
+    def rows_of_step(self, step: int) -> list[int]:
+        """Row indices of optimizer step ``step`` (0-based), across all processes."""
+        out: list[int] = []
+        pos = step * self.global_batch
+        while len(out) < self.global_batch:
+            epoch, offset = divmod(pos, self.n_rows)
+            perm = self._perm(epoch)
+            take = min(self.global_batch - len(out), self.n_rows - offset)
+            out += perm[offset : offset + take]
+            pos += take
+        return out
+
+    def _perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n_rows, generator=g).tolist()
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def total_steps(cfg: TrainConfig, n_rows: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    g = cfg.batch_size * cfg.grad_accum * dist.world()
+    return max(1, math.ceil(cfg.epochs * n_rows / g))
+
+
+def micro_batches(rows: list[Encoded], size: int, by_length: bool) -> list[list[Encoded]]:
+    if by_length:
+        rows = sorted(rows, key=lambda r: r.length, reverse=True)
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+@dataclass
+class Result:
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per optimizer step), optional TensorBoard, on the main process only."""
+
+    def __init__(self, out: Path, resume_step: int, tensorboard: bool):
+        self.active = dist.rank() == 0
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not self.active:
+            return
+        kept = []
+        if resume_step > 0 and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(
+    task: Task,
+    model,
+    rows: list[Encoded],
+    cfg: TrainConfig,
+    *,
+    evaluate: Callable[[], dict] | None = None,
+) -> Result:
+    """Run the optimizer steps of ``cfg`` over ``rows``; writes metrics and checkpoints under ``cfg.output_dir``."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = dist.rank(), dist.world()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    n_steps = total_steps(cfg, len(rows))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, n_steps))
+    schedule = Schedule(len(rows), cfg.batch_size * cfg.grad_accum * world, cfg.seed)
+
+    start = 0
+    ckpts = checkpoint.list_checkpoints(out / "checkpoints")
+    if cfg.resume and ckpts:
+        start = checkpoint.load(ckpts[-1], model, optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, n_steps), last_epoch=start - 1)
+        log.info("resumed from %s (step %d of %d)", ckpts[-1].name, start, n_steps)
+    elif cfg.resume:
+        log.info("resume=true but no checkpoint in %s: starting from step 0", out / "checkpoints")
+    writer = MetricsWriter(out, start, cfg.tensorboard)
+    result = Result(steps=start)
+
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    step = start
+    try:
+        for step in range(start, n_steps):
+            t0 = time.perf_counter()
+            step_rows = [rows[i] for i in schedule.rows_of_step(step)]
+            normaliser = sum(task.weight(r) for r in step_rows)
+            mine = step_rows[rank::world]
+            if hasattr(task, "begin_step"):
+                with autocast(cfg.precision):
+                    task.begin_step(model, mine)
+            sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            n_tokens = 0
+            for mb in micro_batches(mine, cfg.batch_size, cfg.group_by_length):
+                with autocast(cfg.precision):
+                    loss, metrics = task.loss(model, mb, normaliser)
+                loss.backward()
+                for k, (s, c) in metrics.items():
+                    sums[k][0] += s
+                    sums[k][1] += c
+                n_tokens += sum(len(r.prompt) * len(r.responses) + sum(map(len, r.responses)) for r in mb)
+            if world > 1:
+                for p in params:
+                    if p.grad is not None:
+                        dist.all_reduce_sum(p.grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = _reduce(sums, n_tokens)
+            elapsed = time.perf_counter() - t0
+            record.update(
+                step=step + 1, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), seconds=elapsed,
+                tokens_per_s=record.pop("tokens") / elapsed,
+            )
+            periodic = cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0
+            if evaluate is not None and (periodic or step + 1 == n_steps):
+                with autocast(cfg.precision):
+                    record.update({f"eval/{k}": v for k, v in evaluate().items()})
+                model.train()
+            result.history.append(record)
+            writer.write(record)
+            result.steps = step + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if rank == 0 and (step + 1) % cfg.log_every == 0 and bar is None:
+                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0 and step + 1 < n_steps and rank == 0:
+                checkpoint.save(out / "checkpoints", step + 1, model, optimizer, keep=cfg.save_total_limit)
+            dist.barrier()
+    except KeyboardInterrupt:
+        if rank == 0 and result.steps > start:
+            path = checkpoint.save(out / "checkpoints", result.steps, model, optimizer, keep=cfg.save_total_limit)
+            log.warning("interrupted: saved %s; run again with resume=true to continue", path)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+    return result
+
+
+def _reduce(sums: dict[str, list[float]], n_tokens: int) -> dict:
+    names = sorted(sums)
+    t = torch.tensor([sums[k] for k in names] + [[float(n_tokens), 0.0]], dtype=torch.float64)
+    dist.all_reduce_sum(t)
+    record = {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(names)}
+    record["tokens"] = t[-1, 0].item()
+    return record
