@@ -1,0 +1,39 @@
+"""Losses: pure functions of tensors (see DESIGN.md, principle 1)."""
+
+from alignkit.losses.preference import (
+    PREFERENCE_LOSSES,
+    LossSpec,
+    PairLogps,
+    PreferenceOutput,
+    UnpairedLogps,
+    cdpo,
+    dpo,
+    get_loss,
+    hinge,
+    ipo,
+    kto,
+    kto_reference_point,
+    orpo,
+    robust,
+    simpo,
+)
+from alignkit.losses.sft import nll_sum
+
+__all__ = [
+    "PREFERENCE_LOSSES",
+    "LossSpec",
+    "PairLogps",
+    "PreferenceOutput",
+    "UnpairedLogps",
+    "cdpo",
+    "dpo",
+    "get_loss",
+    "hinge",
+    "ipo",
+    "kto",
+    "kto_reference_point",
+    "nll_sum",
+    "orpo",
+    "robust",
+    "simpo",
+]

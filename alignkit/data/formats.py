@@ -1,0 +1,644 @@
+"""Reading training data and turning each row into a validated, canonical record.
+
+Sources: a ``.jsonl``, ``.json`` (an array of objects, or JSON lines), ``.parquet`` or ``.csv`` file, or a
+Hugging Face ``datasets`` name (``name`` or ``name:split``, default split ``train``). Files are read here rather
+than through ``datasets`` because errors must name the physical line of a bad row, which ``datasets`` does not
+keep; Parquet files and hub datasets, which have no lines, are located by ``row N`` (0-based, as ``ds[N]``).
+
+Row formats use TRL's field names, so data is used unchanged. ``Text`` is a string or a list of messages
+``{"role", "content"}`` (role: system, user, assistant or tool):
+
+* SFT: ``messages`` (with at least one assistant message) | ``prompt``/``completion`` | ``text``.
+* Preference: ``prompt``/``chosen``/``rejected`` (optional numeric ``margin``) | ``chosen``/``rejected`` with an
+  implicit prompt | ranking ``prompt``/``responses``/``ranking``.
+* Unpaired (KTO): ``prompt``/``completion``/``label``; preference rows are accepted too, each pair giving a
+  desirable (chosen) and an undesirable (rejected) example.
+* Prompt-only (RL, evaluation): ``prompt``, with every other column kept in ``extra`` (e.g. ``answer``).
+
+Implicit prompt (``chosen``/``rejected`` without ``prompt``), as TRL's ``extract_prompt`` does it: for message
+lists the prompt is the longest common prefix of whole messages; for strings it is the longest common character
+prefix, except that a space just before the point where they differ stays with the responses
+(``"Q: 2+2? A: 4"`` / ``"Q: 2+2? A: 5"`` -> prompt ``"Q: 2+2? A:"``, responses ``" 4"`` / ``" 5"``). The
+character rule can cut inside a word when both responses start alike; give a ``prompt`` column to avoid it.
+
+In every record, ``origin`` says where the row came from and ``extra`` holds the columns the format did not use.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignkit.errors import DataError
+
+Message = dict[str, str]
+Text = str | list[Message]
+ROLES = ("system", "user", "assistant", "tool")
+KINDS = ("sft", "preference", "unpaired", "prompt")
+_KEEP_SKIPPED = 5  # how many skipped-row messages LoadedData keeps
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a row came from: ``line`` is the 1-based line in a text file (None for Parquet and hub datasets);
+    ``row`` is the 0-based index of the row in the source."""
+
+    path: str
+    line: int | None
+    row: int
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        """A DataError located at this row: ``path:line:`` for text files, ``path row N:`` otherwise."""
+        if self.line is not None:
+            return DataError(message, path=self.path, line=self.line, field=field)
+        err = DataError(message, path=f"{self.path} row {self.row}", field=field)
+        err.path = self.path  # the text names the row; the attribute stays the plain path
+        return err
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One supervised example in exactly one shape: ``messages`` (loss on assistant turns), ``prompt`` +
+    ``completion`` (loss on the completion), or ``text`` (loss on all of it). The other fields are None."""
+
+    prompt: Text | None
+    completion: Text | None
+    messages: list[Message] | None
+    text: str | None
+    origin: Origin
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        shapes = [self.messages is not None, self.completion is not None, self.text is not None]
+        if sum(shapes) != 1 or (self.prompt is None) != (self.completion is None):
+            raise ValueError("SFTExample needs exactly one of: messages, prompt + completion, text")
+
+    @property
+    def shape(self) -> str:
+        """``"messages"``, ``"prompt_completion"`` or ``"text"``."""
+        if self.messages is not None:
+            return "messages"
+        return "text" if self.text is not None else "prompt_completion"
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """A prompt with a preferred and a dispreferred response. ``group`` is shared by the pairs expanded from
+    one ranking row (and unique otherwise), so a prompt's pairs can be kept together."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    margin: float | None
+    group: int
+    origin: Origin
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """A prompt and one response labelled desirable (True) or undesirable (False), as KTO uses."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    origin: Origin
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """A prompt alone, for RL rollouts and evaluation; columns such as ``answer`` are in ``extra``."""
+
+    prompt: Text
+    origin: Origin
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadedData:
+    """The records read from a source, with counts of rows read and skipped."""
+
+    examples: list
+    n_rows: int
+    n_skipped: int
+    skipped: list[str]  # the messages of the first skipped rows
+    source: str = ""
+    kind: str = ""
+
+
+# ---------------------------------------------------------------------------------------- reading rows
+
+# A row is either a dict or the DataError that made it unusable; the loader decides whether to skip it.
+_Rows = Iterator[tuple[Origin, "dict | DataError"]]
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def read_rows(source: str) -> Iterator[tuple[Origin, dict]]:
+    """Yield ``(origin, row)`` for each raw row of ``source``; a malformed row raises DataError."""
+    for origin, row in _scan(source):
+        if isinstance(row, DataError):
+            raise row
+        yield origin, row
+
+
+def _scan(source: str) -> _Rows:
+    readers: dict[str, Callable[[str], _Rows]] = {
+        ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv,
+    }
+    suffix = Path(source).suffix.lower()
+    if suffix in readers:
+        return readers[suffix](source)
+    if os.path.isfile(source):
+        raise DataError(f"unknown file extension {suffix!r}; expected one of {', '.join(readers)}", path=source)
+    return _read_hub(source)
+
+
+@contextmanager
+def _reading(path: str):
+    """Turn failures to open or decode a file into a DataError naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise DataError(f"cannot read file: not UTF-8 text ({exc})", path=path) from exc
+    except OSError as exc:
+        raise DataError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
+
+
+def _read_jsonl(path: str) -> _Rows:
+    with _reading(path), open(path, encoding="utf-8-sig") as f:
+        yield from _json_lines(path, f)
+
+
+def _read_json(path: str) -> _Rows:
+    with _reading(path), open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        yield from _json_array(path, text)
+    else:
+        hint = " (a .json file must hold a JSON array of objects, or one object per line)"
+        yield from _json_lines(path, io.StringIO(text), hint)
+
+
+def _json_lines(path: str, lines: Iterable[str], hint: str = "") -> _Rows:
+    """One JSON object per non-blank line; a malformed line is a bad row, not the end of the file."""
+    row = 0
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        origin = Origin(path, line_no, row)
+        row += 1
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield origin, origin.error(f"malformed JSON: {_json_problem(exc)}{hint}")
+            continue
+        yield origin, _as_object(origin, value)
+
+
+def _json_array(path: str, text: str) -> _Rows:
+    """Elements of a top-level JSON array, each located on the line where it starts. A syntax error ends the
+    file, since the rest of the array cannot be found reliably."""
+    decoder = json.JSONDecoder()
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:  # positions only move forward, so lines are counted once
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, pos), pos
+        return line
+
+    def skip_space(pos: int) -> int:
+        return _JSON_WS.match(text, pos).end()
+
+    pos = skip_space(text.index("[") + 1)
+    if text.startswith("]", pos):
+        pos = skip_space(pos + 1)
+    else:
+        for row in itertools.count():
+            origin = Origin(path, line_at(pos), row)
+            try:
+                value, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"malformed JSON: {_json_problem(exc)}", path=path, line=exc.lineno) from None
+            yield origin, _as_object(origin, value)
+            pos = skip_space(pos)
+            if text.startswith(",", pos):
+                pos = skip_space(pos + 1)
+            elif text.startswith("]", pos):
+                pos = skip_space(pos + 1)
+                break
+            else:
+                message = "malformed JSON: expected ',' or ']' after an array element"
+                raise DataError(message, path=path, line=line_at(pos))
+    if pos < len(text):
+        raise DataError("malformed JSON: unexpected content after the array", path=path, line=line_at(pos))
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    return f"{exc.msg.removesuffix(' at')} (column {exc.colno})"
+
+
+def _as_object(origin: Origin, value: Any) -> dict | DataError:
+    if isinstance(value, dict):
+        return value
+    return origin.error(f"expected a JSON object per row, found {_found(value)}")
+
+
+def _read_csv(path: str) -> _Rows:
+    """CSV with a header line (line 1). Empty cells are null; cells that look like JSON lists (e.g. messages)
+    are parsed; ``label`` and ``margin`` cells are read as JSON scalars (true, 0, 0.5) when they parse."""
+    with _reading(path), open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        for row, cells in enumerate(reader):
+            origin = Origin(path, reader.line_num, row)
+            if None in cells:
+                n = len(reader.fieldnames) + len(cells[None])
+                yield origin, origin.error(f"row has {n} cells but the header has {len(reader.fieldnames)} columns")
+                continue
+            yield origin, {key: _csv_cell(key, value) for key, value in cells.items()}
+
+
+def _csv_cell(key: str, value: str | None) -> Any:
+    if not value:
+        return None
+    stripped = value.strip()
+    typed = key in ("label", "margin")
+    if typed or (stripped.startswith("[") and stripped.endswith("]")):
+        try:
+            parsed = json.loads(stripped.lower() if typed else stripped)
+        except json.JSONDecodeError:
+            return value
+        if typed or isinstance(parsed, list):
+            return parsed
+    return value
+
+
+def _read_parquet(path: str) -> _Rows:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    with _reading(path):
+        try:
+            for batch in pq.ParquetFile(path).iter_batches():
+                for value in batch.to_pylist():
+                    yield Origin(path, None, row), value
+                    row += 1
+        except pa.ArrowException as exc:
+            raise DataError(f"cannot read Parquet file: {exc}", path=path) from exc
+
+
+def _read_hub(source: str) -> _Rows:
+    """A Hugging Face dataset, ``name`` or ``name:split`` (default split ``train``)."""
+    name, _, split = source.partition(":")
+    split = split or "train"
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many unrelated types (network, missing config, bad split)
+        raise DataError(
+            f"not a .jsonl/.json/.parquet/.csv file, and loading it as Hugging Face dataset {name!r} "
+            f"(split {split!r}) failed: {type(exc).__name__}: {exc}",
+            path=source,
+        ) from exc
+    for row, value in enumerate(dataset):
+        yield Origin(source, None, row), dict(value)
+
+
+# ------------------------------------------------------------------------------------- field validators
+
+
+class _RowError(Exception):
+    """A bad field; the loader adds the row's location."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+def _found(value: Any) -> str:
+    """How a found value is described in errors: its JSON type, and the value itself when short."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}
+    name = "null" if value is None else names.get(type(value), type(value).__name__)
+    if isinstance(value, (str, int, float)) and len(repr(value)) <= 40:
+        return f"{name} {value!r}"
+    return f"an empty {name}" if value in ([], {}) else name
+
+
+def _string(value: Any, field: str, *, response: bool = False) -> str:
+    if not isinstance(value, str):
+        raise _RowError(field, f"expected a string, found {_found(value)}")
+    if response and not value.strip():
+        raise _RowError(field, "empty response: expected non-blank text")
+    return value
+
+
+def _messages(value: Any, field: str, *, response: bool = False) -> list[Message]:
+    """A non-empty list of messages. A response needs an assistant message, and no assistant message may be
+    blank. Keys besides role and content (e.g. ``tool_calls``) are kept unless null."""
+    if not isinstance(value, list) or not value:
+        raise _RowError(field, f"expected a non-empty list of messages, found {_found(value)}")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise _RowError(where, f"expected a message {{'role': ..., 'content': ...}}, found {_found(message)}")
+        for key in ("role", "content"):
+            if key not in message or message[key] is None:
+                found = f"found keys {sorted(message)}"
+                raise _RowError(f"{where}.{key}", f"is missing; a message needs 'role' and 'content', {found}")
+        role = message["role"]
+        if role not in ROLES:
+            raise _RowError(f"{where}.role", f"unknown role {_found(role)}; expected one of {', '.join(ROLES)}")
+        content = _string(message["content"], f"{where}.content", response=response and role == "assistant")
+        messages.append({**{k: v for k, v in message.items() if v is not None}, "role": role, "content": content})
+    if response and not any(m["role"] == "assistant" for m in messages):
+        roles = ", ".join(m["role"] for m in messages)
+        raise _RowError(field, f"expected at least one assistant message, found roles: {roles}")
+    return messages
+
+
+def _text(value: Any, field: str, *, response: bool = False) -> Text:
+    """A string or a list of messages; a response must not be empty or blank."""
+    if isinstance(value, list):
+        return _messages(value, field, response=response)
+    if not isinstance(value, str):
+        raise _RowError(field, f"expected a string or a list of messages, found {_found(value)}")
+    return _string(value, field, response=response)
+
+
+def _same_form(**texts: Text) -> None:
+    """Prompt and responses must all be strings or all message lists (plain text vs chat template)."""
+    (first, first_value), *rest = texts.items()
+    for name, value in rest:
+        if isinstance(value, str) != isinstance(first_value, str):
+            mismatch = f"is {_form(value)} but {first} is {_form(first_value)}"
+            raise _RowError(name, f"{mismatch}; use one form for all of {', '.join(texts)}")
+
+
+def _form(text: Text) -> str:
+    return "a string" if isinstance(text, str) else "a list of messages"
+
+
+def _distinct(chosen: Text, rejected: Text) -> None:
+    if chosen == rejected:
+        raise _RowError("rejected", "is identical to chosen; a preference pair needs two different responses")
+
+
+def _margin(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _RowError("margin", f"expected a finite number, found {_found(value)}")
+    return float(value)
+
+
+def _label(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    raise _RowError("label", f"expected a boolean (true/false or 0/1), found {_found(value)}")
+
+
+def _ranks(value: Any, n_responses: int) -> list[int]:
+    """A permutation of 1..K, one rank per response (1 = best)."""
+    if not isinstance(value, list):
+        raise _RowError("ranking", f"expected a list of integer ranks, found {_found(value)}")
+    for i, rank in enumerate(value):
+        if type(rank) is not int:
+            raise _RowError(f"ranking[{i}]", f"expected an integer rank, found {_found(rank)}")
+    if len(value) != n_responses:
+        found = f"has {len(value)} ranks but responses has {n_responses} entries"
+        raise _RowError("ranking", f"{found}; expected one rank per response")
+    tied = [rank for rank, count in Counter(value).items() if count > 1]
+    if tied:
+        who = [i for i, rank in enumerate(value) if rank == tied[0]]
+        raise _RowError("ranking", f"tie: rank {tied[0]} is given to responses {who}; ranks must differ, found {value}")
+    missing = sorted(set(range(1, n_responses + 1)) - set(value))
+    if missing:
+        raise _RowError("ranking", f"gap: ranks must be 1..{n_responses} (1 = best), found {value}, missing {missing}")
+    return value
+
+
+def _split_shared_prefix(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """(prompt, chosen, rejected) for rows without a prompt; see the module docstring for the rule."""
+    limit = min(len(chosen), len(rejected))
+    n = next((i for i in range(limit) if chosen[i] != rejected[i]), limit)
+    if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    if n == 0:
+        message = "no prompt field, and chosen and rejected share no prefix to use as the prompt"
+        raise _RowError("chosen", f"{message}; add a 'prompt' field")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if n == len(value):
+            message = "empty response: all of it is shared with the other response, so nothing is left"
+            raise _RowError(name, f"{message} once the implicit prompt is removed")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+# --------------------------------------------------------------------------------------- row formats
+
+Record = SFTExample | PreferenceExample | UnpairedExample | PromptExample
+
+
+@dataclass(frozen=True)
+class _Format:
+    name: str
+    keys: tuple[str, ...]  # required; a row is in this format when all are present and not null
+    parse: Callable[[dict, Origin, dict], list[Record]]  # (row, origin, extra) -> records
+    optional: tuple[str, ...] = ()
+
+    def used(self, key: str) -> bool:
+        return key in self.keys or key in self.optional
+
+
+def _sft_messages(row, origin, extra):
+    return [SFTExample(None, None, _messages(row["messages"], "messages", response=True), None, origin, extra)]
+
+
+def _sft_prompt_completion(row, origin, extra):
+    prompt = _text(row["prompt"], "prompt")
+    completion = _text(row["completion"], "completion", response=True)
+    _same_form(prompt=prompt, completion=completion)
+    return [SFTExample(prompt, completion, None, None, origin, extra)]
+
+
+def _sft_text(row, origin, extra):
+    return [SFTExample(None, None, None, _string(row["text"], "text", response=True), origin, extra)]
+
+
+def _explicit_pair(row, origin, extra):
+    prompt = _text(row["prompt"], "prompt")
+    chosen = _text(row["chosen"], "chosen", response=True)
+    rejected = _text(row["rejected"], "rejected", response=True)
+    _same_form(prompt=prompt, chosen=chosen, rejected=rejected)
+    _distinct(chosen, rejected)
+    return [PreferenceExample(prompt, chosen, rejected, _margin(row.get("margin")), origin.row, origin, extra)]
+
+
+def _implicit_pair(row, origin, extra):
+    chosen, rejected = _text(row["chosen"], "chosen"), _text(row["rejected"], "rejected")
+    _same_form(chosen=chosen, rejected=rejected)
+    _distinct(chosen, rejected)
+    prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
+    chosen, rejected = _text(chosen, "chosen", response=True), _text(rejected, "rejected", response=True)
+    return [PreferenceExample(prompt, chosen, rejected, _margin(row.get("margin")), origin.row, origin, extra)]
+
+
+def _ranking_pairs(row, origin, extra):
+    """All K(K-1)/2 pairs of a ranked row, ordered by the chosen response's rank, then the rejected one's."""
+    prompt = _text(row["prompt"], "prompt")
+    value = row["responses"]
+    if not isinstance(value, list):
+        raise _RowError("responses", f"expected a list of responses, found {_found(value)}")
+    if len(value) < 2:
+        raise _RowError("responses", f"expected at least 2 responses to rank, found {len(value)}")
+    responses = [_text(r, f"responses[{i}]", response=True) for i, r in enumerate(value)]
+    _same_form(prompt=prompt, **{f"responses[{i}]": r for i, r in enumerate(responses)})
+    for i, j in ((i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))):
+        if responses[i] == responses[j]:
+            raise _RowError("responses", f"responses {i} and {j} are identical; ranked responses must differ")
+    ranks = _ranks(row["ranking"], len(responses))
+    best_first = [responses[i] for i in sorted(range(len(ranks)), key=ranks.__getitem__)]
+    return [
+        PreferenceExample(prompt, best_first[a], best_first[b], None, origin.row, origin, extra)
+        for a in range(len(best_first))
+        for b in range(a + 1, len(best_first))
+    ]
+
+
+def _unpaired(row, origin, extra):
+    prompt = _text(row["prompt"], "prompt")
+    completion = _text(row["completion"], "completion", response=True)
+    _same_form(prompt=prompt, completion=completion)
+    return [UnpairedExample(prompt, completion, _label(row["label"]), origin, extra)]
+
+
+def _prompt_only(row, origin, extra):
+    return [PromptExample(_text(row["prompt"], "prompt"), origin, extra)]
+
+
+def _as_unpaired(parse_pairs):
+    """Preference rows read for KTO: each pair gives its chosen as desirable and its rejected as undesirable."""
+
+    def parse(row, origin, extra):
+        return [
+            UnpairedExample(pair.prompt, response, label, origin, extra)
+            for pair in parse_pairs(row, origin, extra)
+            for response, label in ((pair.chosen, True), (pair.rejected, False))
+        ]
+
+    return parse
+
+
+_EXPLICIT = _Format("prompt/chosen/rejected", ("prompt", "chosen", "rejected"), _explicit_pair, ("margin",))
+_IMPLICIT = _Format("chosen/rejected (implicit prompt)", ("chosen", "rejected"), _implicit_pair, ("margin",))
+
+# Tried in order; the first whose keys are all present wins (e.g. ultrachat rows have both prompt and messages).
+_FORMATS: dict[str, tuple[_Format, ...]] = {
+    "sft": (
+        _Format("messages", ("messages",), _sft_messages),
+        _Format("prompt/completion", ("prompt", "completion"), _sft_prompt_completion),
+        _Format("text", ("text",), _sft_text),
+    ),
+    "preference": (
+        _Format("prompt/responses/ranking", ("prompt", "responses", "ranking"), _ranking_pairs),
+        _EXPLICIT,
+        _IMPLICIT,
+    ),
+    "unpaired": (
+        _Format("prompt/completion/label", ("prompt", "completion", "label"), _unpaired),
+        _Format(_EXPLICIT.name, _EXPLICIT.keys, _as_unpaired(_explicit_pair), _EXPLICIT.optional),
+        _Format(_IMPLICIT.name, _IMPLICIT.keys, _as_unpaired(_implicit_pair), _IMPLICIT.optional),
+    ),
+    "prompt": (_Format("prompt", ("prompt",), _prompt_only),),
+}
+
+
+def _parse_row(row: dict, origin: Origin, kind: str) -> list[Record]:
+    formats = _FORMATS[kind]
+    present = {key for key, value in row.items() if value is not None}
+    for fmt in formats:
+        if present.issuperset(fmt.keys):
+            extra = {key: value for key, value in row.items() if not fmt.used(key)}
+            try:
+                return fmt.parse(row, origin, extra)
+            except _RowError as err:
+                raise origin.error(err.message, err.field) from None
+    found = ", ".join(sorted(present)) or "none"
+    closest = max(formats, key=lambda fmt: (len(present.intersection(fmt.keys)), -len(set(fmt.keys) - present)))
+    if not present.intersection(closest.keys):
+        expected = " | ".join(fmt.name for fmt in formats)
+        raise origin.error(f"no recognised {kind} format: expected keys {expected}; found keys: {found}")
+    missing = next(key for key in closest.keys if key not in present)
+    state = "is null" if missing in row else "is missing"
+    raise origin.error(f"{state}; a {closest.name} row needs {', '.join(closest.keys)}; found keys: {found}", missing)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_examples(source: str, kind: str, *, skip_invalid: bool = False) -> LoadedData:
+    """Read ``source`` and validate every row as ``kind`` (``"sft"``, ``"preference"``, ``"unpaired"`` or
+    ``"prompt"``). A bad row raises DataError naming the file, line and field, unless ``skip_invalid``, in
+    which case it is counted and skipped. An unreadable or empty source is always an error."""
+    if kind not in _FORMATS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+    loaded = LoadedData(examples=[], n_rows=0, n_skipped=0, skipped=[], source=source, kind=kind)
+    for origin, row in _scan(source):
+        loaded.n_rows += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            loaded.examples.extend(_parse_row(row, origin, kind))
+        except DataError as err:
+            if not skip_invalid:
+                raise
+            loaded.n_skipped += 1
+            if len(loaded.skipped) < _KEEP_SKIPPED:
+                loaded.skipped.append(str(err))
+    if loaded.n_rows == 0:
+        raise DataError("no rows: the source is empty", path=source)
+    if not loaded.examples:
+        raise DataError(f"all {loaded.n_rows} rows are invalid; the first: {loaded.skipped[0]}", path=source)
+    return loaded
+
+
+_NOUNS = {
+    "sft": ("SFT example", "SFT examples"),
+    "preference": ("preference pair", "preference pairs"),
+    "unpaired": ("unpaired example", "unpaired examples"),
+    "prompt": ("prompt", "prompts"),
+}
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    return f"{n:,} {singular if n == 1 else plural}"
+
+
+def describe(loaded: LoadedData) -> str:
+    """One line for the log, e.g. ``1,234 preference pairs from data.jsonl (617 rows, 2 rows skipped)``."""
+    notes = []
+    used_rows = loaded.n_rows - loaded.n_skipped
+    if used_rows != len(loaded.examples):
+        notes.append(_count(used_rows, "row", "rows"))
+    if loaded.n_skipped:
+        notes.append(_count(loaded.n_skipped, "row", "rows") + " skipped")
+    what = _count(len(loaded.examples), *_NOUNS.get(loaded.kind, ("example", "examples")))
+    return f"{what} from {loaded.source}" + (f" ({', '.join(notes)})" if notes else "")
