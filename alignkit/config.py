@@ -99,6 +99,7 @@ class DPOConfig(TrainConfig):
     ipo_average: bool = opt(False, "IPO on average instead of summed log-probs (sum is the paper's).")
     kto_lambda_d: float = opt(1.0, "KTO weight of desirable examples.")
     kto_lambda_u: float = opt(1.0, "KTO weight of undesirable examples.")
+    share_prompt: bool = opt(True, "Run each pair's prompt through the model once for both responses (one sequence, masked attention).")
     reference: str = opt("cached", "Reference log-probs: computed once before training (cached) or every step (live).", ("cached", "live"))
     lr: float = opt(5e-6, "Peak learning rate of AdamW.")
 

@@ -55,3 +55,52 @@ def build_pairs(rows: dict[int, dict], samples: list[dict]) -> list[dict]:
 
 def load_samples(path: Path = SAMPLES) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fetch_prefs(force: bool = False) -> Path:
+    """Build ``cache_dir()/data/asdiv-prefs/{train,test}.jsonl`` with a data card; cached unless ``force``."""
+    import os
+    import shutil
+
+    from alignkit.data.sources import fetch
+    from alignkit.paths import cache_dir
+
+    out = cache_dir() / "data" / "asdiv-prefs"
+    samples = load_samples()
+    if not force and (out / "card.json").is_file() and json.loads((out / "card.json").read_text())["samples"] == len(samples):
+        return out
+    src = fetch("asdiv")
+    asdiv_card = json.loads((src / "card.json").read_text())
+    rows = {r["id"]: r for r in map(json.loads, (src / "data.jsonl").read_text().splitlines())}
+    pairs = build_pairs(rows, samples)
+    tmp = out.with_name(f".asdiv-prefs.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts = {}
+    for split in ("train", "test"):
+        part = [p for p in pairs if p["split"] == split]
+        counts[split] = len(part)
+        with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in part)
+    n_ref = sum(p["chosen_source"] == "reference" for p in pairs)
+    card = {
+        "name": "asdiv-prefs",
+        "source": f"ASDiv from {asdiv_card['package']} {asdiv_card['version']} (alignkit data fetch asdiv); "
+                  f"responses sampled from SmolLM2-135M-Instruct ({SAMPLES.name}, shipped with alignkit)",
+        "data_license": asdiv_card["data_license"],
+        "samples": len(samples),
+        "rows": counts,
+        "chosen_from_reference": n_ref,
+        "conversion": __doc__.strip(),
+    }
+    (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (tmp / "README.md").write_text(
+        "# asdiv-prefs\n\n" + card["conversion"] + "\n\n"
+        f"- Source: {card['source']}\n- License of the problems: {card['data_license']}\n"
+        f"- Problems sampled: {len(samples)}; pairs: {counts['train']} train, {counts['test']} test "
+        f"(the last {N_EVAL} sampled problems are the test split)\n"
+        f"- Pairs whose chosen response is the reference answer (no correct sample): {n_ref}\n"
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -38,3 +38,47 @@ def collate(rows: list[Encoded], responses: tuple[int, ...], pad_id: int) -> dic
     """
     seqs = [s for r in responses for s in sequences(rows, r)]
     return pad(seqs, pad_id)
+
+
+def collate_shared(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Each row as ONE sequence ``prompt + response_0 + response_1 + ...`` whose prompt is computed once.
+
+    A 4D boolean attention mask ``[B, 1, T, T]`` lets every response see the prompt and its own earlier tokens
+    but no other response, and ``position_ids`` restart each response right after the prompt, so every
+    response is scored exactly as if it followed the prompt alone. Because a response's first token is
+    predicted from the prompt's last position (not from the previous response's last token), the batch
+    carries explicit gather indices: ``source`` (flat index into ``B*T`` of the predicting position),
+    ``target`` (the token id) and ``segment`` (``row * R + response``) for each response token.
+    """
+    n_resp = len(rows[0].responses)
+    width = max(len(r.prompt) + sum(map(len, r.responses)) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    allowed = torch.zeros((B, width, width), dtype=torch.bool)
+    idx = torch.arange(width)
+    allowed[:, idx, idx] = True  # padding rows see themselves (a fully masked row would give NaN)
+    source, target, segment = [], [], []
+    for b, row in enumerate(rows):
+        L = len(row.prompt)
+        ids[b, :L] = torch.tensor(row.prompt, dtype=torch.long)
+        pos[b, :L] = torch.arange(L)
+        allowed[b, :L, :L] = torch.tril(torch.ones(L, L, dtype=torch.bool))
+        start = L
+        for k, resp in enumerate(row.responses):
+            n = len(resp)
+            end = start + n
+            ids[b, start:end] = torch.tensor(resp, dtype=torch.long)
+            pos[b, start:end] = torch.arange(L, L + n)
+            allowed[b, start:end, :L] = True
+            allowed[b, start:end, start:end] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+            prev = [L - 1] + list(range(start, end - 1))
+            source += [b * width + p for p in prev]
+            target += resp
+            segment += [b * n_resp + k] * n
+            start = end
+    return {
+        "input_ids": ids, "position_ids": pos, "attention_mask": allowed[:, None],
+        "source": torch.tensor(source, dtype=torch.long), "target": torch.tensor(target, dtype=torch.long),
+        "segment": torch.tensor(segment, dtype=torch.long), "n_segments": B * n_resp,
+    }

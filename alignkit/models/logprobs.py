@@ -19,10 +19,14 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def hidden_states(model, input_ids_BT, attention_mask_BT) -> torch.Tensor:
-    """Last hidden states ``[B, T, D]`` of the decoder trunk (the LM head is not applied)."""
+def hidden_states(model, input_ids_BT, attention_mask, position_ids_BT=None) -> torch.Tensor:
+    """Last hidden states ``[B, T, D]`` of the decoder trunk (the LM head is not applied).
+
+    ``attention_mask`` is ``[B, T]`` (padding) or a ``[B, 1, T, T]`` boolean mask of allowed attention.
+    """
     trunk = unwrap(model).get_decoder()
-    return trunk(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False).last_hidden_state
+    out = trunk(input_ids=input_ids_BT, attention_mask=attention_mask, position_ids=position_ids_BT, use_cache=False)
+    return out.last_hidden_state
 
 
 def _token_logps(head, softcap, h_ND, target_N):
@@ -32,19 +36,11 @@ def _token_logps(head, softcap, h_ND, target_N):
     return logits.gather(-1, target_N[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_logps(model, input_ids_BT, attention_mask_BT, loss_mask_BT, *, chunk: int = 1024) -> torch.Tensor:
-    """Log-probs ``[B, T]`` of each token given its prefix, filled only where ``loss_mask_BT`` is true (0 elsewhere).
-
-    ``loss_mask_BT[b, t]`` marks token ``t`` as a response token; it is predicted from position ``t - 1``, so
-    position 0 can never be a response token.
-    """
+def project_logps(model, h_ND, target_N, *, chunk: int = 1024) -> torch.Tensor:
+    """``log p(target | hidden)`` for N positions, ``chunk`` rows of the vocabulary projection at a time."""
     base = unwrap(model)
-    h_BTD = hidden_states(model, input_ids_BT, attention_mask_BT)
     head = base.get_output_embeddings()
     softcap = getattr(base.config, "final_logit_softcapping", None)
-    where = loss_mask_BT[:, 1:]
-    h_ND = h_BTD[:, :-1][where]
-    target_N = input_ids_BT[:, 1:][where]
     pieces = []
     for start in range(0, h_ND.shape[0], chunk):
         args = (head, softcap, h_ND[start : start + chunk], target_N[start : start + chunk])
@@ -52,9 +48,19 @@ def token_logps(model, input_ids_BT, attention_mask_BT, loss_mask_BT, *, chunk: 
             pieces.append(checkpoint(_token_logps, *args, use_reentrant=False))
         else:
             pieces.append(_token_logps(*args))
+    return torch.cat(pieces) if pieces else h_ND.new_zeros(0, dtype=torch.float32)
+
+
+def token_logps(model, input_ids_BT, attention_mask_BT, loss_mask_BT, *, chunk: int = 1024) -> torch.Tensor:
+    """Log-probs ``[B, T]`` of each token given its prefix, filled only where ``loss_mask_BT`` is true (0 elsewhere).
+
+    ``loss_mask_BT[b, t]`` marks token ``t`` as a response token; it is predicted from position ``t - 1``, so
+    position 0 can never be a response token.
+    """
+    h_BTD = hidden_states(model, input_ids_BT, attention_mask_BT)
+    where = loss_mask_BT[:, 1:]
     out_BT = torch.zeros(input_ids_BT.shape, dtype=torch.float32, device=input_ids_BT.device)
-    if pieces:
-        out_BT[:, 1:][where] = torch.cat(pieces)
+    out_BT[:, 1:][where] = project_logps(model, h_BTD[:, :-1][where], input_ids_BT[:, 1:][where], chunk=chunk)
     return out_BT
 
 
@@ -70,3 +76,15 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     if precision == "bf16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def shared_prompt_logps(model, batch: dict, *, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts ``[B * R]`` (row-major: row, then response) of a batch made by
+    :func:`alignkit.data.collate.collate_shared`, where each row's prompt went through the model once."""
+    h_BTD = hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])[batch["source"]]
+    lp_N = project_logps(model, h_ND, batch["target"], chunk=chunk)
+    seg = batch["segment"]
+    sums = torch.zeros(batch["n_segments"], dtype=lp_N.dtype, device=lp_N.device).index_add(0, seg, lp_N)
+    counts = torch.zeros(batch["n_segments"], device=lp_N.device).index_add(0, seg, torch.ones_like(lp_N))
+    return sums, counts

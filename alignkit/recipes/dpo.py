@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from alignkit.config import DPOConfig
-from alignkit.data.collate import collate
+from alignkit.data.collate import collate, collate_shared
 from alignkit.data.tokenize import Encoded
 from alignkit.losses.preference import PairLogps, PreferenceOutput, UnpairedLogps, get_loss, kto_reference_point
-from alignkit.models.logprobs import autocast, sequence_logps
+from alignkit.models.logprobs import autocast, sequence_logps, shared_prompt_logps
 from alignkit.recipes.common import prepare, save_final
 from alignkit.train import dist
 from alignkit.train.loop import micro_batches, train
@@ -32,8 +32,14 @@ from alignkit.train.loop import micro_batches, train
 log = logging.getLogger("alignkit")
 
 
-def response_logps(model, rows: list[Encoded], responses: tuple[int, ...], pad_id: int, chunk: int):
-    """Summed log-probs and token counts ``[B, len(responses)]`` of the given responses of each row."""
+def response_logps(model, rows: list[Encoded], responses: tuple[int, ...], pad_id: int, chunk: int, shared: bool = False):
+    """Summed log-probs and token counts ``[B, len(responses)]`` of the given responses of each row.
+
+    With ``shared`` (and more than one response) each row's prompt is computed once for all its responses.
+    """
+    if shared and len(responses) > 1 and responses == tuple(range(len(rows[0].responses))):
+        lp, n = shared_prompt_logps(model, collate_shared(rows, pad_id), chunk=chunk)
+        return lp.view(len(rows), len(responses)), n.view(len(rows), len(responses))
     lp, n = sequence_logps(model, collate(rows, responses, pad_id), chunk=chunk)
     return lp.view(len(responses), len(rows)).T, n.view(len(responses), len(rows)).T
 
@@ -46,8 +52,9 @@ def reference_off(model):
 class Reference:
     """Reference log-probs ``[B, R]`` for rows: cached on each row (``row.extra['ref']``) or computed live."""
 
-    def __init__(self, model, mode: str, pad_id: int, chunk: int, batch_size: int, precision: str):
+    def __init__(self, model, mode: str, pad_id: int, chunk: int, batch_size: int, precision: str, shared: bool):
         self.mode, self.pad_id, self.chunk, self.batch_size, self.precision = mode, pad_id, chunk, batch_size, precision
+        self.shared = shared
         self.frozen = None
         if mode == "live" and not hasattr(model, "disable_adapter"):
             self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
@@ -57,7 +64,7 @@ class Reference:
         ctx = contextlib.nullcontext() if self.frozen is not None else reference_off(model)
         with torch.no_grad(), ctx:
             n_resp = tuple(range(len(rows[0].responses)))
-            return response_logps(net, rows, n_resp, self.pad_id, self.chunk)[0]
+            return response_logps(net, rows, n_resp, self.pad_id, self.chunk, self.shared)[0]
 
     def fill(self, model, rows: list[Encoded], cache: Path | None = None, reuse: bool = False, desc: str = "reference") -> None:
         """Compute and keep reference log-probs on every row; with ``reuse``, read them from ``cache`` if it
@@ -108,6 +115,7 @@ class PreferenceTask:
         self.spec = get_loss(cfg.loss)
         self.hparams = {k: getattr(cfg, k) for k in self.spec.hparams}
         self.pad_id, self.chunk, self.reference = pad_id, cfg.logits_chunk, reference
+        self.shared = cfg.share_prompt
         self.z0 = torch.tensor(0.0)
 
     def weight(self, row: Encoded) -> float:
@@ -128,7 +136,7 @@ class PreferenceTask:
     def forward(self, model, rows: list[Encoded]) -> PreferenceOutput:
         ref = self.reference.logps(model, rows) if self.spec.needs_reference else None
         if self.spec.paired:
-            lp, n = response_logps(model, rows, (0, 1), self.pad_id, self.chunk)
+            lp, n = response_logps(model, rows, (0, 1), self.pad_id, self.chunk, self.shared)
             batch = PairLogps(lp[:, 0], lp[:, 1], n[:, 0], n[:, 1],
                               ref[:, 0] if ref is not None else None, ref[:, 1] if ref is not None else None)
             return self.spec.fn(batch, **self.hparams)
@@ -152,7 +160,7 @@ class PreferenceTask:
             for mb in micro_batches(rows, batch_size, True):
                 _, metrics = self.loss(model, mb, 1.0)
                 if self.spec.paired:
-                    lp, n = response_logps(model, mb, (0, 1), self.pad_id, self.chunk)
+                    lp, n = response_logps(model, mb, (0, 1), self.pad_id, self.chunk, self.shared)
                     metrics["logp_accuracy"] = (float((lp[:, 0] > lp[:, 1]).sum()), float(len(mb)))
                 for k, (s, c) in metrics.items():
                     acc = sums.setdefault(k, [0.0, 0.0])
@@ -194,7 +202,7 @@ def run(cfg: DPOConfig) -> dict:
     pad = p.tokenizer.pad_token_id
     reference = None
     if spec.needs_reference:
-        reference = Reference(p.model, cfg.reference, pad, cfg.logits_chunk, cfg.batch_size, cfg.precision)
+        reference = Reference(p.model, cfg.reference, pad, cfg.logits_chunk, cfg.batch_size, cfg.precision, cfg.share_prompt)
         reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=cfg.resume)
         reference.fill(p.model, p.eval, desc="reference (eval)")
     task = PreferenceTask(cfg, pad, reference)

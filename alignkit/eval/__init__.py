@@ -1,0 +1,1 @@
+"""Evaluation of aligned models: generation-based accuracy and reports."""
