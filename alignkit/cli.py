@@ -47,8 +47,11 @@ def _method(name: str, argv: list[str]) -> int:
     cfg = build(cls, args.config, args.overrides)
     import importlib
 
+    from alignkit.train import dist
+
     summary = importlib.import_module(module).run(cfg)
-    print(json.dumps(summary, indent=2, default=float))
+    if dist.rank() == 0:
+        print(json.dumps(summary, indent=2, default=float))
     return 0
 
 

@@ -18,7 +18,7 @@ from alignkit.data.answers import is_correct, parse_number
 
 PROMPT_SUFFIX = "\nGive the final answer as a number at the end."
 SAMPLES = Path(__file__).parent / "builtin" / "asdiv_samples.jsonl"
-N_EVAL = 200  # the last N_EVAL sampled problems are held out
+N_EVAL = 150  # the last N_EVAL sampled problems are held out
 
 
 def problem_ids(rows: dict[int, dict], seed: int = 0) -> list[int]:

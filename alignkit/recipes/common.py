@@ -23,8 +23,10 @@ log = logging.getLogger("alignkit")
 
 
 def setup_logging() -> None:
+    """Info messages from the main process only; other processes report warnings and errors."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        level = logging.INFO if dist.rank() == 0 else logging.WARNING
+        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     for noisy in ("httpx", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -46,8 +48,8 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, kind: str) -> Prepared:
     """Validate the data (all of it, before any model is loaded), load the model, tokenize, split, save config."""
-    setup_logging()
     dist.init()
+    setup_logging()
     seed_everything(cfg.seed)
     loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
     log.info(describe(loaded))

@@ -42,6 +42,9 @@ class Task(Protocol):
     def loss(self, model, rows: list[Encoded], normaliser: float) -> tuple[torch.Tensor, Metrics]:
         """The micro-batch's loss already divided by ``normaliser`` (the whole step's weight), and metrics."""
 
+    # Optional: ``begin_step(model, rows)`` runs before the step's micro-batches with this process's rows of the
+    # step, for statistics the whole step shares (KTO's reference point).
+
 
 @dataclass
 class Schedule:
