@@ -75,7 +75,7 @@ def load_model(
         path = _resolve(name)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: e.g. a directory that holds no model config
             raise UserError(f"cannot load model '{name}': {e}") from None
         tok = load_tokenizer(name)
     model.to(dtype)
