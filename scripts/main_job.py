@@ -21,9 +21,8 @@ from alignkit.models.loading import load_model
 from alignkit.recipes import dpo
 
 DEFAULTS = dict(
-    model="smollm2-135m-instruct", loss="dpo", beta=0.1, lora=True, lora_r=16, lora_alpha=32, lr=5e-4,
-    batch_size=8, max_steps=60, warmup_steps=5, precision="bf16", max_length=256, output_dir="outputs/main",
-    eval_steps=20, progress=True,
+    model="smollm2-135m-instruct", loss="dpo", beta=0.5, lora=True, lora_r=16, lora_alpha=32, lr=2e-4,
+    batch_size=8, epochs=1.0, warmup_steps=5, precision="bf16", max_length=256, output_dir="outputs/main",
 )
 
 
@@ -57,6 +56,7 @@ def main(argv: list[str]) -> None:
         f"| held out ({len(test)} problems) | before | after |",
         "|---|---|---|",
         f"| preference accuracy (log p(chosen) > log p(rejected)) | {before['logp_accuracy']:.3f} | {after['logp_accuracy']:.3f} |",
+        f"| length-normalised preference accuracy (mean token log p) | {before['avg_logp_accuracy']:.3f} | {after['avg_logp_accuracy']:.3f} |",
         f"| implicit-reward accuracy (beta * log-ratio) | - | {after['rewards/accuracy']:.3f} |",
         f"| answer accuracy (greedy, last number = reference) | {acc_before:.3f} | {acc_after:.3f} |",
         "",
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "main_job.json").write_text(json.dumps({"answer_accuracy_before": acc_before, "answer_accuracy_after": acc_after,
                                                    "minutes": minutes, **summary}, indent=2))
-    print("\n".join(lines[4:9]))
+    print("\n".join(lines[4:10]))
     print(f"report: {out / 'report.md'} ({minutes:.1f} min)")
 
 

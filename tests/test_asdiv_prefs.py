@@ -28,7 +28,7 @@ def test_build_pairs_rules():
     rows = {1: {"id": 1, "prompt": "2 + 2?", "answer": "4"}, 2: {"id": 2, "prompt": "3 + 3?", "answer": "6"},
             3: {"id": 3, "prompt": "1 + 1?", "answer": "2"}}
     samples = [
-        {"id": 1, "samples": ["It is 5", "2 + 2 = 4", "4!"]},      # correct sample -> chosen
+        {"id": 1, "samples": ["It is 15 or so", "It is 5", "2 + 2 = 4", "4!"]},  # correct -> chosen; shortest wrong
         {"id": 2, "samples": ["It is 7", "It is 8"]},                # none correct -> reference answer
         {"id": 3, "samples": ["2", "1 + 1 = 2"]},                   # all correct -> no pair
     ]

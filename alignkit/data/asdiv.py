@@ -5,7 +5,8 @@ Problems come from the ASDiv data set (``alignkit data fetch asdiv``). For each 
 ``scripts/sample_asdiv.py``; the samples ship in ``builtin/asdiv_samples.jsonl``. Each sample is judged by a
 rule: its last number equals the reference answer. A pair takes a correct sample as chosen (the first one) or,
 when no sample is correct, the reference answer written as ``"The answer is N."``; the rejected response is
-the first wrong sample. Problems whose samples are all correct give no pair.
+the shortest wrong sample (so that chosen and rejected differ in correctness more than in length; most
+samples run to the 48-token limit). Problems whose samples are all correct give no pair.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def build_pairs(rows: dict[int, dict], samples: list[dict]) -> list[dict]:
         if not bad:
             continue
         chosen = good[0] if good else f"The answer is {problem['answer']}."
+        bad.sort(key=len)
         out.append({
             "prompt": user_message(problem),
             "chosen": [{"role": "assistant", "content": chosen}],

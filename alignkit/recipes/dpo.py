@@ -162,6 +162,8 @@ class PreferenceTask:
                 if self.spec.paired:
                     lp, n = response_logps(model, mb, (0, 1), self.pad_id, self.chunk, self.shared)
                     metrics["logp_accuracy"] = (float((lp[:, 0] > lp[:, 1]).sum()), float(len(mb)))
+                    avg = lp / n
+                    metrics["avg_logp_accuracy"] = (float((avg[:, 0] > avg[:, 1]).sum()), float(len(mb)))
                 for k, (s, c) in metrics.items():
                     acc = sums.setdefault(k, [0.0, 0.0])
                     acc[0] += s
