@@ -12,11 +12,12 @@ import sys
 import traceback
 
 from alignkit import __version__
-from alignkit.config import DPOConfig, SFTConfig, build, help_text
+from alignkit.config import DPOConfig, RMConfig, SFTConfig, build, help_text
 from alignkit.errors import UserError
 
 METHODS = {
     "sft": (SFTConfig, "alignkit.recipes.sft", "Supervised fine-tuning on text, messages or prompt/completion rows."),
+    "rm": (RMConfig, "alignkit.recipes.rm", "Reward model: Bradley-Terry on pairs or rankings, aspect heads, or process=true."),
     "dpo": (DPOConfig, "alignkit.recipes.dpo", "Offline preference training: loss=dpo|cdpo|robust|hinge|ipo|kto|orpo|simpo."),
 }
 
@@ -50,7 +51,9 @@ def _method(name: str, argv: list[str]) -> int:
     from alignkit.train import dist
 
     summary = importlib.import_module(module).run(cfg)
-    if dist.rank() == 0:
+    main_process = dist.rank() == 0
+    dist.finish()
+    if main_process:
         print(json.dumps(summary, indent=2, default=float))
     return 0
 

@@ -111,6 +111,43 @@ class DPOConfig(TrainConfig):
             raise ConfigError(f"beta must be positive, got {self.beta}")
 
 
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward models: Bradley-Terry on pairs and rankings, several aspect heads, or a process reward model."""
+
+    aspects: str = opt("reward", "Comma-separated aspect names, one linear head each (e.g. helpfulness,safety).")
+    aspect_weights: str = opt("", "Comma-separated weights combining the aspects into one reward (default: all 1).")
+    center_coef: float = opt(0.0, "Weight c of the centering term c * (r_w + r_l)^2 that keeps rewards near 0.")
+    process: bool = opt(False, "Process reward model: stepwise data (prompt/steps/labels), BCE at each step's last token.")
+    step_separator: str = opt("\n", "Text joining a process reward model's steps.")
+    aggregate: str = opt("min", "How a process reward model combines step scores into one.", ("min", "prod"))
+    lr: float = opt(1e-5, "Peak learning rate of AdamW.")
+
+    @property
+    def aspect_names(self) -> list[str]:
+        return [a.strip() for a in self.aspects.split(",") if a.strip()]
+
+    @property
+    def weights(self) -> list[float]:
+        if not self.aspect_weights:
+            return [1.0] * len(self.aspect_names)
+        return [float(w) for w in self.aspect_weights.split(",")]
+
+    def validate(self) -> None:
+        super().validate()
+        names = self.aspect_names
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"aspects must be distinct non-empty names, got {self.aspects!r}")
+        try:
+            weights = self.weights
+        except ValueError:
+            raise ConfigError(f"aspect_weights must be comma-separated numbers, got {self.aspect_weights!r}") from None
+        if len(weights) != len(names):
+            raise ConfigError(f"aspect_weights has {len(weights)} values for {len(names)} aspects")
+        if self.process and len(names) != 1:
+            raise ConfigError("a process reward model has one head: leave aspects unset")
+
+
 # ---------------------------------------------------------------- parsing
 
 

@@ -46,20 +46,43 @@ class Prepared:
     out: Path
 
 
+def log_data(loaded) -> None:
+    log.info(describe(loaded))
+
+
+def split_eval(cfg: TrainConfig, examples: list, kind: str) -> tuple[list, list]:
+    """(training, held-out) examples: ``eval_data`` if given, else an ``eval_fraction`` share of ``data``.
+
+    The share is drawn by prompt group (a ranking's pairs stay on one side), seeded by ``cfg.seed``.
+    """
+    if cfg.eval_data:
+        return examples, load_examples(cfg.eval_data, kind, skip_invalid=cfg.skip_invalid).examples
+    if cfg.eval_fraction <= 0:
+        return examples, []
+    groups = sorted({getattr(ex, "group", i) for i, ex in enumerate(examples)})
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    held_groups = {groups[i] for i in order[: max(1, int(round(cfg.eval_fraction * len(groups))))]}
+    key = [getattr(ex, "group", i) for i, ex in enumerate(examples)]
+    return ([ex for ex, k in zip(examples, key) if k not in held_groups],
+            [ex for ex, k in zip(examples, key) if k in held_groups])
+
+
+def write_config(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if dist.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return out
+
+
 def prepare(cfg: TrainConfig, kind: str) -> Prepared:
     """Validate the data (all of it, before any model is loaded), load the model, tokenize, split, save config."""
     dist.init()
     setup_logging()
     seed_everything(cfg.seed)
     loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
-    log.info(describe(loaded))
-    held = load_examples(cfg.eval_data, kind, skip_invalid=cfg.skip_invalid).examples if cfg.eval_data else []
-    examples = loaded.examples
-    if not held and cfg.eval_fraction > 0:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_eval = max(1, int(round(cfg.eval_fraction * len(examples))))
-        held = [examples[i] for i in order[:n_eval]]
-        examples = [examples[i] for i in sorted(order[n_eval:])]
+    log_data(loaded)
+    examples, held = split_eval(cfg, loaded.examples, kind)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     model, tok = load_model(cfg.model, lora=lora, seed=cfg.seed)
     enc_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None, truncation=cfg.truncation)
@@ -71,10 +94,7 @@ def prepare(cfg: TrainConfig, kind: str) -> Prepared:
         from alignkit.errors import DataError
 
         raise DataError("no training rows left after truncation", path=cfg.data)
-    out = Path(cfg.output_dir)
-    if dist.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    out = write_config(cfg)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("%s: %d train rows, %d eval rows, %.2fM trainable parameters", cfg.model, len(train.rows), len(ev.rows), n_params / 1e6)
     return Prepared(model, tok, train.rows, ev.rows, out)

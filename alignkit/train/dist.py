@@ -32,3 +32,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
+
+
+def finish() -> None:
+    """Wait for every rank (e.g. rank 0 writing the final model), then leave the process group cleanly."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

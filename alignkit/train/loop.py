@@ -238,6 +238,15 @@ def _reduce(sums: dict[str, list[float]], n_tokens: int) -> dict:
     names = sorted(sums)
     t = torch.tensor([sums[k] for k in names] + [[float(n_tokens), 0.0]], dtype=torch.float64)
     dist.all_reduce_sum(t)
-    record = {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(names)}
+    record = derive_std({k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(names)})
     record["tokens"] = t[-1, 0].item()
+    return record
+
+
+def derive_std(record: dict) -> dict:
+    """A metric ``x/sumsq`` (mean of squares, reported beside ``x/mean``) becomes ``x/std``."""
+    for key in [k for k in record if k.endswith("/sumsq")]:
+        mean_key = key[: -len("sumsq")] + "mean"
+        if mean_key in record:
+            record[key[: -len("sumsq")] + "std"] = math.sqrt(max(0.0, record.pop(key) - record[mean_key] ** 2))
     return record
