@@ -14,6 +14,8 @@ Row formats use TRL's field names, so data is used unchanged. ``Text`` is a stri
 * Unpaired (KTO): ``prompt``/``completion``/``label``; preference rows are accepted too, each pair giving a
   desirable (chosen) and an undesirable (rejected) example.
 * Prompt-only (RL, evaluation): ``prompt``, with every other column kept in ``extra`` (e.g. ``answer``).
+* Stepwise (process reward models): ``prompt`` (a string), ``steps`` (a non-empty list of non-blank strings, the
+  reasoning steps in order) and ``labels`` (one boolean or 0/1 per step: is that step correct).
 
 Implicit prompt (``chosen``/``rejected`` without ``prompt``), as TRL's ``extract_prompt`` does it: for message
 lists the prompt is the longest common prefix of whole messages; for strings it is the longest common character
@@ -45,7 +47,7 @@ from alignkit.errors import DataError
 Message = dict[str, str]
 Text = str | list[Message]
 ROLES = ("system", "user", "assistant", "tool")
-KINDS = ("sft", "preference", "unpaired", "prompt")
+KINDS = ("sft", "preference", "unpaired", "prompt", "stepwise")
 _KEEP_SKIPPED = 5  # how many skipped-row messages LoadedData keeps
 
 
@@ -125,6 +127,18 @@ class PromptExample:
     """A prompt alone, for RL rollouts and evaluation; columns such as ``answer`` are in ``extra``."""
 
     prompt: Text
+    origin: Origin
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepwiseExample:
+    """A prompt and a solution split into reasoning steps, each labelled correct (True) or not, for a process
+    reward model (Lightman et al. 2023, arXiv:2305.20050). ``steps`` and ``labels`` have the same length."""
+
+    prompt: str
+    steps: list[str]
+    labels: list[bool]
     origin: Origin
     extra: dict = field(default_factory=dict)
 
@@ -416,6 +430,33 @@ def _label(value: Any) -> bool:
     raise _RowError("label", f"expected a boolean (true/false or 0/1), found {_found(value)}")
 
 
+def _steps(value: Any) -> list[str]:
+    """A non-empty list of non-blank strings."""
+    if not isinstance(value, list) or not value:
+        raise _RowError("steps", f"expected a non-empty list of step strings, found {_found(value)}")
+    for i, step in enumerate(value):
+        if not isinstance(step, str):
+            raise _RowError(f"steps[{i}]", f"expected a string, found {_found(step)}")
+        if not step.strip():
+            raise _RowError(f"steps[{i}]", "empty step: expected non-blank text")
+    return list(value)
+
+
+def _step_labels(value: Any, n_steps: int) -> list[bool]:
+    """One boolean (or 0/1) per step."""
+    if not isinstance(value, list):
+        raise _RowError("labels", f"expected a list of booleans, one per step, found {_found(value)}")
+    if len(value) != n_steps:
+        raise _RowError("labels", f"has {len(value)} labels but steps has {n_steps} entries; expected one per step")
+    labels = []
+    for i, label in enumerate(value):
+        try:
+            labels.append(_label(label))
+        except _RowError as err:
+            raise _RowError(f"labels[{i}]", err.message) from None
+    return labels
+
+
 def _ranks(value: Any, n_responses: int) -> list[int]:
     """A permutation of 1..K, one rank per response (1 = best)."""
     if not isinstance(value, list):
@@ -454,7 +495,7 @@ def _split_shared_prefix(chosen: Text, rejected: Text) -> tuple[Text, Text, Text
 
 # --------------------------------------------------------------------------------------- row formats
 
-Record = SFTExample | PreferenceExample | UnpairedExample | PromptExample
+Record = SFTExample | PreferenceExample | UnpairedExample | PromptExample | StepwiseExample
 
 
 @dataclass(frozen=True)
@@ -534,6 +575,12 @@ def _prompt_only(row, origin, extra):
     return [PromptExample(_text(row["prompt"], "prompt"), origin, extra)]
 
 
+def _stepwise(row, origin, extra):
+    prompt = _string(row["prompt"], "prompt")
+    steps = _steps(row["steps"])
+    return [StepwiseExample(prompt, steps, _step_labels(row["labels"], len(steps)), origin, extra)]
+
+
 def _as_unpaired(parse_pairs):
     """Preference rows read for KTO: each pair gives its chosen as desirable and its rejected as undesirable."""
 
@@ -568,6 +615,7 @@ _FORMATS: dict[str, tuple[_Format, ...]] = {
         _Format(_IMPLICIT.name, _IMPLICIT.keys, _as_unpaired(_implicit_pair), _IMPLICIT.optional),
     ),
     "prompt": (_Format("prompt", ("prompt",), _prompt_only),),
+    "stepwise": (_Format("prompt/steps/labels", ("prompt", "steps", "labels"), _stepwise),),
 }
 
 
@@ -595,8 +643,8 @@ def _parse_row(row: dict, origin: Origin, kind: str) -> list[Record]:
 
 
 def load_examples(source: str, kind: str, *, skip_invalid: bool = False) -> LoadedData:
-    """Read ``source`` and validate every row as ``kind`` (``"sft"``, ``"preference"``, ``"unpaired"`` or
-    ``"prompt"``). A bad row raises DataError naming the file, line and field, unless ``skip_invalid``, in
+    """Read ``source`` and validate every row as ``kind`` (``"sft"``, ``"preference"``, ``"unpaired"``,
+    ``"prompt"`` or ``"stepwise"``). A bad row raises DataError naming the file, line and field, unless ``skip_invalid``, in
     which case it is counted and skipped. An unreadable or empty source is always an error."""
     if kind not in _FORMATS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -625,6 +673,7 @@ _NOUNS = {
     "preference": ("preference pair", "preference pairs"),
     "unpaired": ("unpaired example", "unpaired examples"),
     "prompt": ("prompt", "prompts"),
+    "stepwise": ("stepwise example", "stepwise examples"),
 }
 
 

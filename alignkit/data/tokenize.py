@@ -13,6 +13,7 @@ number of affected examples is reported.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from alignkit.errors import DataError
@@ -50,21 +51,72 @@ def _ids(tok, text: str, *, special: bool = False) -> list[int]:
     return tok(text, add_special_tokens=special)["input_ids"]
 
 
+def _chat_split(tok, prompt: Text | None, completion: Text, origin=None) -> tuple[str, str]:
+    """``(prompt text, response text)`` of a chat-rendered example: the prompt with the generation prompt,
+    and whatever the template adds after it for the completion (its end-of-turn tokens included)."""
+    p_msgs = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
+    c_msgs = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+    p_text = _chat_text(tok, p_msgs, True) if p_msgs else ""
+    full = _chat_text(tok, p_msgs + c_msgs, False)
+    if not full.startswith(p_text):
+        raise DataError(
+            "the chat template does not render the prompt as a prefix of prompt + response",
+            path=getattr(origin, "path", None), line=getattr(origin, "line", None),
+        )
+    return p_text, full[len(p_text) :]
+
+
 def render(tok, prompt: Text | None, completion: Text, origin=None) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` and of ``completion`` as a response to it."""
     if isinstance(prompt, list) or isinstance(completion, list):
-        p_msgs = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
-        c_msgs = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-        p_text = _chat_text(tok, p_msgs, True) if p_msgs else ""
-        full = _chat_text(tok, p_msgs + c_msgs, False)
-        if not full.startswith(p_text):
-            raise DataError(
-                "the chat template does not render the prompt as a prefix of prompt + response",
-                path=getattr(origin, "path", None), line=getattr(origin, "line", None),
-            )
-        return _ids(tok, p_text), _ids(tok, full[len(p_text) :])
+        p_text, r_text = _chat_split(tok, prompt, completion, origin)
+        return _ids(tok, p_text), _ids(tok, r_text)
     p_ids = _ids(tok, prompt, special=True) if prompt else []
     return p_ids, _ids(tok, completion) + [tok.eos_token_id]
+
+
+def render_steps(
+    tok, prompt: str, steps: list[str], sep: str = "\n", origin=None
+) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt_ids, response_ids, step_end_positions)`` of a stepwise (process reward) example.
+
+    The response is ``sep.join(steps)``, laid out as :func:`render` does it: with a chat template, the prompt
+    is a user message rendered with the generation prompt and the steps are the assistant's content (the
+    response ids then also hold what the template adds after it, e.g. ``<|im_end|>\n``); without one, prompt
+    and response are plain text and the response ends with EOS. The ids are exactly ``render``'s.
+
+    ``step_end_positions[i]`` indexes ``response_ids``: the token holding the last character of step i, where
+    a PRM reads that step's score (Lightman et al. 2023). It comes from the character offsets of the response
+    tokenized once (fast tokenizers only), not from tokenizing steps apart, so it stays right when BPE merges
+    a step's end with the separator or the next step into one token (``"4\n"``): the position is the last
+    token that starts before the step's end, which is also the last byte-level token of a multi-byte
+    character. If two steps end inside the same token (a step shorter than a merged token), both get the same
+    position. Tokenizers that trim offsets (a ``ByteLevel`` post-processor with ``trim_offsets``) may place a
+    step that ends in whitespace one token early.
+    """
+    if not getattr(tok, "is_fast", False):
+        raise TypeError("render_steps needs a fast tokenizer (character offsets), got " + type(tok).__name__)
+    content = sep.join(steps)
+    if getattr(tok, "chat_template", None):
+        p_text, r_text = _chat_split(tok, prompt, content, origin)
+        prompt_ids, eos = _ids(tok, p_text), []
+        start = r_text.find(content)
+        if start < 0:
+            raise DataError(
+                "the chat template changes the assistant content, so the steps cannot be located in it",
+                path=getattr(origin, "path", None), line=getattr(origin, "line", None),
+            )
+    else:
+        r_text, start = content, 0
+        prompt_ids, eos = (_ids(tok, prompt, special=True) if prompt else []), [tok.eos_token_id]
+    enc = tok(r_text, add_special_tokens=False, return_offsets_mapping=True)
+    response_ids, token_starts = list(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]]
+    positions, end = [], start
+    for i, step in enumerate(steps):
+        end += len(step)  # one past the step's last character in r_text
+        positions.append(bisect.bisect_left(token_starts, end) - 1)  # starts are non-decreasing
+        end += len(sep)
+    return prompt_ids, response_ids + eos, positions
 
 
 def render_chat(tok, messages: list) -> tuple[list[int], list[bool]]:

@@ -18,6 +18,7 @@ from alignkit.losses.preference import (
     simpo,
 )
 from alignkit.losses.sft import nll_sum
+from alignkit.losses.reward import STEP_AGGREGATIONS, RewardOutput, aggregate_steps, bradley_terry, prm_bce
 
 __all__ = [
     "PREFERENCE_LOSSES",
@@ -36,4 +37,9 @@ __all__ = [
     "orpo",
     "robust",
     "simpo",
+    "RewardOutput",
+    "STEP_AGGREGATIONS",
+    "aggregate_steps",
+    "bradley_terry",
+    "prm_bce",
 ]

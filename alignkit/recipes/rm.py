@@ -1,0 +1,245 @@
+"""Reward models: ``alignkit rm`` (Bradley-Terry on pairs and rankings; ``process=true`` for step labels).
+
+Pairs of the same prompt group (a ranking's K(K-1)/2 pairs, InstructGPT's batching) form one training row:
+each distinct response goes through the model once and every pair of the group is scored from those rewards.
+A row's weight in the step's normaliser is its number of labelled (pair, aspect) entries.
+
+Aspects: with ``aspects=helpfulness,safety`` the model has one head per aspect. A preference row may carry
+``"aspects": {"helpfulness": 1, "safety": -1}`` (1: chosen is better on that aspect, -1: rejected is better,
+0 or absent: not labelled, masked) or ``"aspect": "safety"`` (labelled for that aspect only); a row with
+neither is labelled for every aspect. ``aspect_weights`` combine the heads into one reward when scoring.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from alignkit.config import RMConfig
+from alignkit.data.collate import pad
+from alignkit.data.formats import load_examples
+from alignkit.data.tokenize import Encoded, fit, render, render_steps
+from alignkit.errors import DataError
+from alignkit.losses.reward import bradley_terry, prm_bce
+from alignkit.models.loading import LoraSettings
+from alignkit.models.logprobs import autocast
+from alignkit.models.reward import RewardMeta, load_reward_backbone, position_rewards, save_meta, sequence_rewards
+from alignkit.recipes.common import log_data, seed_everything, setup_logging, split_eval, write_config
+from alignkit.train import dist
+from alignkit.train.loop import derive_std, micro_batches, train
+
+log = logging.getLogger("alignkit")
+
+
+def aspect_labels(example, aspects: list[str]) -> list[int]:
+    """+1 / -1 / 0 (masked) for each aspect of a preference example."""
+    extra = example.extra
+    if "aspects" in extra and extra["aspects"] is not None:
+        given = extra["aspects"]
+        if not isinstance(given, dict):
+            raise example.origin.error(f"expected an object of aspect: 1 | -1 | 0, found {type(given).__name__}", "aspects")
+        unknown = [a for a in given if a not in aspects]
+        if unknown:
+            raise example.origin.error(f"unknown aspect(s) {unknown}; the model's aspects are {aspects}", "aspects")
+        labels = []
+        for a in aspects:
+            v = given.get(a)
+            if v not in (None, 0, 1, -1) or isinstance(v, bool):
+                raise example.origin.error(f"aspect '{a}': expected 1, -1, 0 or null, found {v!r}", "aspects")
+            labels.append(int(v or 0))
+        return labels
+    if extra.get("aspect") is not None:
+        if extra["aspect"] not in aspects:
+            raise example.origin.error(f"unknown aspect {extra['aspect']!r}; the model's aspects are {aspects}", "aspect")
+        return [1 if a == extra["aspect"] else 0 for a in aspects]
+    return [1] * len(aspects)
+
+
+def encode_groups(examples, tok, aspects: list[str], cfg: RMConfig) -> list[Encoded]:
+    """One row per prompt group: its distinct responses and its pairs ``(i, j, margin, labels)``."""
+    groups: dict[int, list] = {}
+    for ex in examples:
+        groups.setdefault(ex.group, []).append(ex)
+    rows = []
+    for exs in groups.values():
+        responses: list[list[int]] = []
+        where: dict[tuple, int] = {}
+        pairs = []
+        for ex in exs:
+            prompt, chosen = render(tok, ex.prompt, ex.chosen, ex.origin)
+            _, rejected = render(tok, ex.prompt, ex.rejected, ex.origin)
+            ij = []
+            for ids in (chosen, rejected):
+                ij.append(where.setdefault(tuple(ids), len(responses)))
+                if ij[-1] == len(responses):
+                    responses.append(ids)
+            labels = aspect_labels(ex, aspects)
+            if any(labels):
+                pairs.append((ij[0], ij[1], float(ex.margin or 0.0), labels))
+        enc = fit(Encoded(prompt, responses, len(rows), extra={"pairs": pairs}), cfg.max_length,
+                  cfg.max_prompt_length or None, cfg.truncation)
+        if enc is not None and pairs:
+            enc.index = len(rows)
+            rows.append(enc)
+    return rows
+
+
+def encode_steps(examples, tok, cfg: RMConfig) -> list[Encoded]:
+    rows = []
+    for ex in examples:
+        prompt, response, positions = render_steps(tok, ex.prompt, ex.steps, cfg.step_separator)
+        enc = fit(Encoded(prompt, [response], len(rows)), cfg.max_length, cfg.max_prompt_length or None, cfg.truncation)
+        if enc is None:
+            continue
+        kept = [(p, lab) for p, lab in zip(positions, ex.labels) if p < len(enc.responses[0])]
+        if kept:
+            enc.extra = {"positions": [p for p, _ in kept], "labels": [float(lab) for _, lab in kept]}
+            enc.index = len(rows)
+            rows.append(enc)
+    return rows
+
+
+def _forward(model, rows: list[Encoded], pad_id: int) -> list[torch.Tensor]:
+    """Rewards ``[R_i, K]`` of every response of every row (one padded batch)."""
+    seqs = [(r.prompt + resp, [True] * (len(r.prompt) + len(resp))) for r in rows for resp in r.responses]
+    batch = pad(seqs, pad_id)
+    r_SK = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    return list(r_SK.split([len(r.responses) for r in rows]))
+
+
+class PairRewardTask:
+    """Bradley-Terry over every labelled (pair, aspect) of the rows."""
+
+    def __init__(self, cfg: RMConfig, n_aspects: int, pad_id: int):
+        self.cfg, self.K, self.pad_id = cfg, n_aspects, pad_id
+
+    def weight(self, row: Encoded) -> float:
+        return float(sum(sum(1 for v in labels if v) for *_, labels in row.extra["pairs"]))
+
+    def loss(self, model, rows, normaliser):
+        rewards = _forward(model, rows, self.pad_id)
+        win, lose, margin, sign = [], [], [], []
+        for r_RK, row in zip(rewards, rows):
+            for i, j, m, labels in row.extra["pairs"]:
+                win.append(r_RK[i])
+                lose.append(r_RK[j])
+                margin.append(m)
+                sign.append(labels)
+        sign_PK = torch.tensor(sign, dtype=torch.float32)
+        a_PK, b_PK = torch.stack(win), torch.stack(lose)
+        # a label of -1 means the rejected response is the better one on that aspect
+        better = torch.where(sign_PK < 0, b_PK, a_PK)
+        worse = torch.where(sign_PK < 0, a_PK, b_PK)
+        out = bradley_terry(better, worse, margin_P=torch.tensor(margin), mask_PK=sign_PK != 0,
+                            center_coef=self.cfg.center_coef)
+        total = out.losses.sum()
+        all_r = torch.cat(rewards).detach()
+        n = float(out.mask.sum())
+        metrics = {
+            "loss": (total.item(), n),
+            "accuracy": (float(out.correct[out.mask].sum()), n),
+            "margin": (float(out.margins[out.mask].sum()), n),
+            "rewards/mean": (float(all_r.sum()), float(all_r.numel())),
+            "rewards/sumsq": (float((all_r**2).sum()), float(all_r.numel())),
+        }
+        if self.K > 1:
+            for k, name in enumerate(self.cfg.aspect_names):
+                mk = out.mask[:, k]
+                metrics[f"accuracy/{name}"] = (float(out.correct[:, k][mk].sum()), float(mk.sum()))
+        return total / normaliser, metrics
+
+
+class StepRewardTask:
+    """Process reward model: binary cross-entropy at each step's last token."""
+
+    def __init__(self, cfg: RMConfig, pad_id: int):
+        self.cfg, self.pad_id = cfg, pad_id
+
+    def weight(self, row: Encoded) -> float:
+        return float(len(row.extra["positions"]))
+
+    def loss(self, model, rows, normaliser):
+        batch = pad([(r.prompt + r.responses[0], [True] * (len(r.prompt) + len(r.responses[0]))) for r in rows], self.pad_id)
+        pos = [[len(r.prompt) + p for p in r.extra["positions"]] for r in rows]
+        logits = torch.cat([v[:, 0] for v in position_rewards(model, batch["input_ids"], batch["attention_mask"], pos)])
+        labels = torch.tensor([lab for r in rows for lab in r.extra["labels"]])
+        losses = prm_bce(logits, labels)
+        n = float(labels.numel())
+        correct = ((logits > 0).float() == labels).float().sum().item()
+        return losses.sum() / normaliser, {"loss": (losses.sum().item(), n), "step_accuracy": (correct, n)}
+
+
+def evaluate(task, model, rows: list[Encoded], batch_size: int) -> dict:
+    sums: dict[str, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for mb in micro_batches(rows, batch_size, True):
+            for k, (s, c) in task.loss(model, mb, 1.0)[1].items():
+                acc = sums.setdefault(k, [0.0, 0.0])
+                acc[0] += s
+                acc[1] += c
+    model.train(was_training)
+    return derive_std({k: s / c for k, (s, c) in sums.items() if c > 0})
+
+
+def reward_stats(model, rows: list[Encoded], pad_id: int, batch_size: int, precision: str, limit: int = 1024):
+    """Mean and std ``[K]`` of the rewards of (up to ``limit``) training responses, for normalisation."""
+    was_training = model.training
+    model.eval()
+    got = []
+    with torch.no_grad(), autocast(precision):
+        for mb in micro_batches(rows[:limit], batch_size, True):
+            got += _forward(model, mb, pad_id)
+    model.train(was_training)
+    r_NK = torch.cat(got)
+    return r_NK.mean(0).tolist(), r_NK.std(0).clamp_min(1e-6).tolist()
+
+
+def run(cfg: RMConfig) -> dict:
+    dist.init()
+    setup_logging()
+    seed_everything(cfg.seed)
+    aspects = cfg.aspect_names
+    kind = "stepwise" if cfg.process else "preference"
+    loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
+    log_data(loaded)
+    examples, held = split_eval(cfg, loaded.examples, kind)
+    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
+    model, tok = load_reward_backbone(cfg.model, 1 if cfg.process else len(aspects), lora=lora, seed=cfg.seed)
+    if cfg.process:
+        train_rows, eval_rows = encode_steps(examples, tok, cfg), encode_steps(held, tok, cfg)
+        task = StepRewardTask(cfg, tok.pad_token_id)
+    else:
+        train_rows, eval_rows = encode_groups(examples, tok, aspects, cfg), encode_groups(held, tok, aspects, cfg)
+        task = PairRewardTask(cfg, len(aspects), tok.pad_token_id)
+    if not train_rows:
+        raise DataError("no training rows left after truncation", path=cfg.data)
+    write_config(cfg)
+    log.info("%s reward model (%s): %d train rows, %d eval rows", cfg.model, ",".join(aspects), len(train_rows), len(eval_rows))
+    ev = (lambda: evaluate(task, model, eval_rows, cfg.batch_size)) if eval_rows else None
+    result = train(task, model, train_rows, cfg, evaluate=ev)
+    last = result.history[-1] if result.history else {}
+    meta = RewardMeta(aspects=aspects, weights=cfg.weights, process=cfg.process, step_separator=cfg.step_separator,
+                      aggregate=cfg.aggregate)
+    if not cfg.process:
+        meta.mean, meta.std = reward_stats(model, train_rows, tok.pad_token_id, cfg.batch_size, cfg.precision)
+    summary = {"steps": result.steps,
+               "train": derive_std({k: v for k, v in last.items() if not k.startswith("eval/")}),
+               "eval": derive_std({k[5:]: v for k, v in last.items() if k.startswith("eval/")})}
+    save(model, tok, meta, Path(cfg.output_dir) / "final", cfg.save_merged)
+    return summary
+
+
+def save(model, tok, meta: RewardMeta, out: Path, merge: bool = True) -> None:
+    if hasattr(model, "merge_and_unload") and merge:
+        model = model.merge_and_unload()
+    if dist.rank() == 0:
+        model.config.use_cache = True
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        save_meta(out, meta)
+        log.info("reward model written to %s", out)
+
