@@ -27,7 +27,7 @@ from alignkit.losses.preference import PairLogps, PreferenceOutput, UnpairedLogp
 from alignkit.models.logprobs import autocast, sequence_logps, shared_prompt_logps
 from alignkit.recipes.common import prepare, save_final
 from alignkit.train import dist
-from alignkit.train.loop import micro_batches, train
+from alignkit.train.loop import evaluate, micro_batches, train
 
 log = logging.getLogger("alignkit")
 
@@ -133,43 +133,25 @@ class PreferenceTask:
         stats = dist.all_reduce_sum(torch.tensor([total, float(len(rows))], dtype=torch.float64))
         self.z0 = kto_reference_point(stats[:1] / stats[1])
 
-    def forward(self, model, rows: list[Encoded]) -> PreferenceOutput:
+    def loss(self, model, rows, normaliser):
         ref = self.reference.logps(model, rows) if self.spec.needs_reference else None
         if self.spec.paired:
             lp, n = response_logps(model, rows, (0, 1), self.pad_id, self.chunk, self.shared)
             batch = PairLogps(lp[:, 0], lp[:, 1], n[:, 0], n[:, 1],
                               ref[:, 0] if ref is not None else None, ref[:, 1] if ref is not None else None)
-            return self.spec.fn(batch, **self.hparams)
-        lp, n = response_logps(model, rows, (0,), self.pad_id, self.chunk)
-        desirable = torch.tensor([bool(r.label) for r in rows])
-        batch = UnpairedLogps(lp[:, 0], n[:, 0], ref[:, 0], desirable)
-        return self.spec.fn(batch, reference_point=self.z0, **self.hparams)
-
-    def loss(self, model, rows, normaliser):
-        out = self.forward(model, rows)
+            out = self.spec.fn(batch, **self.hparams)
+        else:
+            lp, n = response_logps(model, rows, (0,), self.pad_id, self.chunk)
+            desirable = torch.tensor([bool(r.label) for r in rows])
+            out = self.spec.fn(UnpairedLogps(lp[:, 0], n[:, 0], ref[:, 0], desirable), reference_point=self.z0, **self.hparams)
         total = out.losses.sum()
-        return total / normaliser, {"loss": (total.item(), float(len(rows))), **reward_metrics(out, self.spec.paired)}
-
-    def evaluate(self, model, rows: list[Encoded], batch_size: int) -> dict:
-        sums: dict[str, list[float]] = {}
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            if not self.spec.paired:
-                self.begin_step(model, rows)
-            for mb in micro_batches(rows, batch_size, True):
-                _, metrics = self.loss(model, mb, 1.0)
-                if self.spec.paired:
-                    lp, n = response_logps(model, mb, (0, 1), self.pad_id, self.chunk, self.shared)
-                    metrics["logp_accuracy"] = (float((lp[:, 0] > lp[:, 1]).sum()), float(len(mb)))
-                    avg = lp / n
-                    metrics["avg_logp_accuracy"] = (float((avg[:, 0] > avg[:, 1]).sum()), float(len(mb)))
-                for k, (s, c) in metrics.items():
-                    acc = sums.setdefault(k, [0.0, 0.0])
-                    acc[0] += s
-                    acc[1] += c
-        model.train(was_training)
-        return {k: s / c for k, (s, c) in sums.items() if c > 0}
+        metrics = {"loss": (total.item(), float(len(rows))), **reward_metrics(out, self.spec.paired)}
+        if self.spec.paired:
+            # the model's own preference, without the reference: summed and length-normalised log-probs
+            lp, avg = lp.detach(), lp.detach() / n
+            metrics["logp_accuracy"] = (float((lp[:, 0] > lp[:, 1]).sum()), float(len(rows)))
+            metrics["avg_logp_accuracy"] = (float((avg[:, 0] > avg[:, 1]).sum()), float(len(rows)))
+        return total / normaliser, metrics
 
 
 def reward_metrics(out: PreferenceOutput, paired: bool) -> dict[str, tuple[float, float]]:
@@ -208,13 +190,13 @@ def run(cfg: DPOConfig) -> dict:
         reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=cfg.resume)
         reference.fill(p.model, p.eval, desc="reference (eval)")
     task = PreferenceTask(cfg, pad, reference)
-    evaluate = (lambda: task.evaluate(p.model, p.eval, cfg.batch_size)) if p.eval else None
+    evaluate_fn = (lambda: evaluate(task, p.model, p.eval, cfg.batch_size)) if p.eval else None
     before = {}
-    if evaluate is not None and not cfg.resume:
+    if evaluate_fn is not None and not cfg.resume:
         with autocast(cfg.precision):
-            before = evaluate()
+            before = evaluate_fn()
         log.info("before training (held out): %s", _fmt(before))
-    result = train(task, p.model, p.train, cfg, evaluate=evaluate)
+    result = train(task, p.model, p.train, cfg, evaluate=evaluate_fn)
     after = {k[5:]: v for k, v in (result.history[-1] if result.history else {}).items() if k.startswith("eval/")}
     if after:
         log.info("after training (held out):  %s", _fmt(after))

@@ -28,7 +28,7 @@ from alignkit.models.logprobs import autocast
 from alignkit.models.reward import RewardMeta, load_reward_backbone, position_rewards, save_meta, sequence_rewards
 from alignkit.recipes.common import log_data, seed_everything, setup_logging, split_eval, write_config
 from alignkit.train import dist
-from alignkit.train.loop import derive_std, micro_batches, train
+from alignkit.train.loop import derive_std, evaluate, micro_batches, train
 
 log = logging.getLogger("alignkit")
 
@@ -169,20 +169,6 @@ class StepRewardTask:
         n = float(labels.numel())
         correct = ((logits > 0).float() == labels).float().sum().item()
         return losses.sum() / normaliser, {"loss": (losses.sum().item(), n), "step_accuracy": (correct, n)}
-
-
-def evaluate(task, model, rows: list[Encoded], batch_size: int) -> dict:
-    sums: dict[str, list[float]] = {}
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for mb in micro_batches(rows, batch_size, True):
-            for k, (s, c) in task.loss(model, mb, 1.0)[1].items():
-                acc = sums.setdefault(k, [0.0, 0.0])
-                acc[0] += s
-                acc[1] += c
-    model.train(was_training)
-    return derive_std({k: s / c for k, (s, c) in sums.items() if c > 0})
 
 
 def reward_stats(model, rows: list[Encoded], pad_id: int, batch_size: int, precision: str, limit: int = 1024):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-
 from alignkit.config import SFTConfig
 from alignkit.data.collate import collate
 from alignkit.data.tokenize import Encoded
 from alignkit.losses.sft import nll_sum
 from alignkit.models.logprobs import token_logps
 from alignkit.recipes.common import prepare, save_final
-from alignkit.train.loop import micro_batches, train
+from alignkit.train.loop import evaluate, train
 
 
 class SFTTask:
@@ -27,21 +25,12 @@ class SFTTask:
         n = float(batch["loss_mask"].sum())
         return nll / normaliser, {"loss": (nll.item(), n)}
 
-    def evaluate(self, model, rows, batch_size: int) -> dict:
-        total, n = 0.0, 0.0
-        model.eval()
-        with torch.no_grad():
-            for mb in micro_batches(rows, batch_size, True):
-                s, c = self.loss(model, mb, 1.0)[1]["loss"]
-                total, n = total + s, n + c
-        return {"loss": total / max(n, 1.0)}
-
 
 def run(cfg: SFTConfig) -> dict:
     p = prepare(cfg, "sft")
     task = SFTTask(p.tokenizer.pad_token_id, cfg.logits_chunk)
-    evaluate = (lambda: task.evaluate(p.model, p.eval, cfg.batch_size)) if p.eval else None
-    result = train(task, p.model, p.train, cfg, evaluate=evaluate)
+    evaluate_fn = (lambda: evaluate(task, p.model, p.eval, cfg.batch_size)) if p.eval else None
+    result = train(task, p.model, p.train, cfg, evaluate=evaluate_fn)
     summary = {k: v for k, v in (result.history[-1] if result.history else {}).items()}
     save_final(p.model, p.tokenizer, cfg, "sft", {"steps": result.steps})
     return summary

@@ -243,6 +243,22 @@ def _reduce(sums: dict[str, list[float]], n_tokens: int) -> dict:
     return record
 
 
+def evaluate(task: Task, model, rows: list[Encoded], batch_size: int) -> dict:
+    """The task's metrics over ``rows`` (no gradient, eval mode), each averaged over the whole set."""
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if hasattr(task, "begin_step"):
+            task.begin_step(model, rows)
+        for mb in micro_batches(rows, batch_size, True):
+            for k, (s, c) in task.loss(model, mb, 1.0)[1].items():
+                sums[k][0] += s
+                sums[k][1] += c
+    model.train(was_training)
+    return derive_std({k: s / c for k, (s, c) in sums.items() if c > 0})
+
+
 def derive_std(record: dict) -> dict:
     """A metric ``x/sumsq`` (mean of squares, reported beside ``x/mean``) becomes ``x/std``."""
     for key in [k for k in record if k.endswith("/sumsq")]:
