@@ -121,6 +121,7 @@ class RMConfig(TrainConfig):
     process: bool = opt(False, "Process reward model: stepwise data (prompt/steps/labels), BCE at each step's last token.")
     step_separator: str = opt("\n", "Text joining a process reward model's steps.")
     aggregate: str = opt("min", "How a process reward model combines step scores into one.", ("min", "prod"))
+    share_prompt: bool = opt(True, "Run a prompt group's prompt through the model once for all its responses (masked attention).")
     lr: float = opt(1e-5, "Peak learning rate of AdamW.")
 
     @property

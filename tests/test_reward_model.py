@@ -194,3 +194,21 @@ def test_cli_rm_reaches_held_out_accuracy(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, len(lines) + 1))
     assert {"accuracy", "margin", "rewards/mean", "rewards/std"} <= set(lines[-1])
+
+
+def test_shared_prompt_rewards_equal_separate_sequences(tmp_path):
+    """A group scored as one masked sequence gives each response the reward it gets on its own (and gradients)."""
+    data = _write(tmp_path / "rank.jsonl", [
+        {"prompt": "which is best? ", "responses": ["a", "bbbb", "cc"], "ranking": [2, 1, 3]},
+        {"prompt": "q", "chosen": "xy", "rejected": "z"},
+    ])
+    cfg = build(RMConfig, overrides=dict(model="tiny", data=data))
+    model, tok = load_reward_backbone("tiny", 2, seed=4)
+    rows = rm.encode_groups(load_examples(data, "preference").examples, tok, ["reward"], cfg)
+    shared = rm._forward(model, rows, tok.pad_token_id, shared=True)
+    separate = rm._forward(model, rows, tok.pad_token_id, shared=False)
+    for a, b in zip(shared, separate):
+        assert torch.allclose(a, b, atol=1e-5)
+    g1 = torch.autograd.grad(torch.cat(shared).sum(), list(model.parameters()))
+    g2 = torch.autograd.grad(torch.cat(rm._forward(model, rows, tok.pad_token_id, shared=False)).sum(), list(model.parameters()))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(g1, g2))

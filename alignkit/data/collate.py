@@ -48,7 +48,9 @@ def collate_shared(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     response is scored exactly as if it followed the prompt alone. Because a response's first token is
     predicted from the prompt's last position (not from the previous response's last token), the batch
     carries explicit gather indices: ``source`` (flat index into ``B*T`` of the predicting position),
-    ``target`` (the token id) and ``segment`` (``row * R + response``) for each response token.
+    ``target`` (the token id) and ``segment`` (``row * R + response``) for each response token, and ``ends``
+    (flat index of each response's last token, in row-major order) for rewards read at the last token.
+    Rows may have different numbers of responses only when ``ends`` alone is used.
     """
     n_resp = len(rows[0].responses)
     width = max(len(r.prompt) + sum(map(len, r.responses)) for r in rows)
@@ -58,7 +60,7 @@ def collate_shared(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     allowed = torch.zeros((B, width, width), dtype=torch.bool)
     idx = torch.arange(width)
     allowed[:, idx, idx] = True  # padding rows see themselves (a fully masked row would give NaN)
-    source, target, segment = [], [], []
+    source, target, segment, ends = [], [], [], []
     for b, row in enumerate(rows):
         L = len(row.prompt)
         ids[b, :L] = torch.tensor(row.prompt, dtype=torch.long)
@@ -76,9 +78,11 @@ def collate_shared(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             source += [b * width + p for p in prev]
             target += resp
             segment += [b * n_resp + k] * n
+            ends.append(b * width + end - 1)
             start = end
     return {
         "input_ids": ids, "position_ids": pos, "attention_mask": allowed[:, None],
         "source": torch.tensor(source, dtype=torch.long), "target": torch.tensor(target, dtype=torch.long),
         "segment": torch.tensor(segment, dtype=torch.long), "n_segments": B * n_resp,
+        "ends": torch.tensor(ends, dtype=torch.long),
     }

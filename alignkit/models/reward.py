@@ -96,6 +96,12 @@ def sequence_rewards(model, input_ids_BT, attention_mask_BT) -> torch.Tensor:
     return head(model)(pooled_BD).float()
 
 
+def shared_rewards(model, batch: dict) -> torch.Tensor:
+    """Rewards ``[S, K]`` at the last token of every response of a ``collate_shared`` batch (row-major)."""
+    h_BTD = hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    return head(model)(h_BTD.reshape(-1, h_BTD.shape[-1])[batch["ends"]]).float()
+
+
 def position_rewards(model, input_ids_BT, attention_mask_BT, positions: list[list[int]]) -> list[torch.Tensor]:
     """Head outputs ``[n_b, K]`` at the given positions of each row (process reward models: step ends)."""
     h_BTD = hidden_states(model, input_ids_BT, attention_mask_BT)

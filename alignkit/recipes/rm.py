@@ -18,14 +18,16 @@ from pathlib import Path
 import torch
 
 from alignkit.config import RMConfig
-from alignkit.data.collate import pad
+from alignkit.data.collate import collate_shared, pad
 from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import Encoded, fit, render, render_steps
 from alignkit.errors import DataError
 from alignkit.losses.reward import bradley_terry, prm_bce
 from alignkit.models.loading import LoraSettings
 from alignkit.models.logprobs import autocast
-from alignkit.models.reward import RewardMeta, load_reward_backbone, position_rewards, save_meta, sequence_rewards
+from alignkit.models.reward import (
+    RewardMeta, load_reward_backbone, position_rewards, save_meta, sequence_rewards, shared_rewards,
+)
 from alignkit.recipes.common import log_data, seed_everything, setup_logging, split_eval, write_config
 from alignkit.train import dist
 from alignkit.train.loop import derive_std, evaluate, micro_batches, train
@@ -101,11 +103,17 @@ def encode_steps(examples, tok, cfg: RMConfig) -> list[Encoded]:
     return rows
 
 
-def _forward(model, rows: list[Encoded], pad_id: int) -> list[torch.Tensor]:
-    """Rewards ``[R_i, K]`` of every response of every row (one padded batch)."""
-    seqs = [(r.prompt + resp, [True] * (len(r.prompt) + len(resp))) for r in rows for resp in r.responses]
-    batch = pad(seqs, pad_id)
-    r_SK = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+def _forward(model, rows: list[Encoded], pad_id: int, shared: bool = True) -> list[torch.Tensor]:
+    """Rewards ``[R_i, K]`` of every response of every row.
+
+    With ``shared`` each row is one sequence ``prompt + response_1 + ... + response_R`` whose prompt is computed
+    once (``collate_shared``); otherwise every response is a padded sequence of its own.
+    """
+    if shared:
+        r_SK = shared_rewards(model, collate_shared(rows, pad_id))
+    else:
+        batch = pad([(r.prompt + resp, [True] * (len(r.prompt) + len(resp))) for r in rows for resp in r.responses], pad_id)
+        r_SK = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
     return list(r_SK.split([len(r.responses) for r in rows]))
 
 
@@ -119,7 +127,7 @@ class PairRewardTask:
         return float(sum(sum(1 for v in labels if v) for *_, labels in row.extra["pairs"]))
 
     def loss(self, model, rows, normaliser):
-        rewards = _forward(model, rows, self.pad_id)
+        rewards = _forward(model, rows, self.pad_id, self.cfg.share_prompt)
         win, lose, margin, sign = [], [], [], []
         for r_RK, row in zip(rewards, rows):
             for i, j, m, labels in row.extra["pairs"]:
@@ -171,14 +179,14 @@ class StepRewardTask:
         return losses.sum() / normaliser, {"loss": (losses.sum().item(), n), "step_accuracy": (correct, n)}
 
 
-def reward_stats(model, rows: list[Encoded], pad_id: int, batch_size: int, precision: str, limit: int = 1024):
+def reward_stats(model, rows: list[Encoded], pad_id: int, batch_size: int, precision: str, shared: bool, limit: int = 1024):
     """Mean and std ``[K]`` of the rewards of (up to ``limit``) training responses, for normalisation."""
     was_training = model.training
     model.eval()
     got = []
     with torch.no_grad(), autocast(precision):
         for mb in micro_batches(rows[:limit], batch_size, True):
-            got += _forward(model, mb, pad_id)
+            got += _forward(model, mb, pad_id, shared)
     model.train(was_training)
     r_NK = torch.cat(got)
     return r_NK.mean(0).tolist(), r_NK.std(0).clamp_min(1e-6).tolist()
@@ -211,7 +219,7 @@ def run(cfg: RMConfig) -> dict:
     meta = RewardMeta(aspects=aspects, weights=cfg.weights, process=cfg.process, step_separator=cfg.step_separator,
                       aggregate=cfg.aggregate)
     if not cfg.process:
-        meta.mean, meta.std = reward_stats(model, train_rows, tok.pad_token_id, cfg.batch_size, cfg.precision)
+        meta.mean, meta.std = reward_stats(model, train_rows, tok.pad_token_id, cfg.batch_size, cfg.precision, cfg.share_prompt)
     summary = {"steps": result.steps,
                "train": derive_std({k: v for k, v in last.items() if not k.startswith("eval/")}),
                "eval": derive_std({k[5:]: v for k, v in last.items() if k.startswith("eval/")})}
