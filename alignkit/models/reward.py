@@ -24,7 +24,7 @@ import torch
 from alignkit.data.collate import pad
 from alignkit.data.tokenize import render, render_steps
 from alignkit.errors import ConfigError, UserError
-from alignkit.models.loading import LoraSettings, _resolve, load_tokenizer, tiny_model, tiny_tokenizer
+from alignkit.models.loading import LoraSettings, resolve_model, load_tokenizer, tiny_model, tiny_tokenizer
 from torch import Tensor
 
 from alignkit.models.logprobs import autocast, hidden_states, unwrap
@@ -63,7 +63,7 @@ def load_reward_backbone(name: str, n_heads: int, *, lora: LoraSettings | None =
             tok = tiny_tokenizer()
         else:
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(_resolve(name), num_labels=n_heads, dtype=torch.float32)
+                model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=n_heads, dtype=torch.float32)
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot load model '{name}' as a reward model: {e}") from None
             tok = load_tokenizer(name)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
-from alignkit.data.answers import _NUMBER, parse_number
+from alignkit.data.answers import number_strings, parse_number
 
 __all__ = [
     "RewardFn",
@@ -129,11 +129,7 @@ def _answer_phrase(text: str) -> str | None:
 
 
 def _last_number_str(text: str) -> str | None:
-    for match in reversed(_NUMBER.findall(text)):
-        s = match.rstrip(",.").strip()
-        if s and any(ch.isdigit() for ch in s):
-            return s
-    return None
+    return next(number_strings(text), None)
 
 
 def extract_answer(text: str) -> str | None:
