@@ -22,7 +22,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(root: Path, step: int, model, optimizer, *, keep: int = 2) -> Path:
+def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict | None = None) -> Path:
+    """Write checkpoint ``step-NNNNNNNN``; ``extra`` is any state a data source needs to resume (torch.save)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -31,6 +32,8 @@ def save(root: Path, step: int, model, optimizer, *, keep: int = 2) -> Path:
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}, tmp / "rng.pt")
+    if extra:
+        torch.save(extra, tmp / "extra.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -62,3 +65,9 @@ def load(path: Path, model, optimizer) -> int:
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     return json.loads((path / "state.json").read_text())["step"]
+
+
+def load_extra(path: Path) -> dict:
+    """The ``extra`` state saved with the checkpoint at ``path`` ({} when there is none)."""
+    f = path / "extra.pt"
+    return torch.load(f, weights_only=False) if f.exists() else {}

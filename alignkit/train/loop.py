@@ -46,6 +46,47 @@ class Task(Protocol):
     # step, for statistics the whole step shares (KTO's reference point).
 
 
+class StepSource(Protocol):
+    """Where each optimizer step's rows come from when they are made during training (online RL rollouts).
+
+    ``rows(step, model)`` returns THIS process's rows of optimizer step ``step``; ``metrics()`` what the source
+    measured since it was last asked (``name -> (sum, count)``, reduced like the task's metrics);
+    ``state_dict()``/``load_state_dict()`` go into checkpoints so a resumed run continues exactly.
+    """
+
+    n_steps: int
+
+    def rows(self, step: int, model) -> list: ...
+
+    def metrics(self) -> Metrics: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class FixedRows:
+    """A :class:`StepSource` over a fixed list of rows, in the seeded order described in the module docstring."""
+
+    def __init__(self, rows: list[Encoded], cfg: TrainConfig):
+        self.all_rows = rows
+        self.n_steps = total_steps(cfg, len(rows))
+        self.schedule = Schedule(len(rows), cfg.batch_size * cfg.grad_accum * dist.world(), cfg.seed)
+
+    def rows(self, step: int, model) -> list[Encoded]:
+        step_rows = [self.all_rows[i] for i in self.schedule.rows_of_step(step)]
+        return step_rows[dist.rank() :: dist.world()]
+
+    def metrics(self) -> Metrics:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 @dataclass
 class Schedule:
     n_rows: int
@@ -138,12 +179,13 @@ class MetricsWriter:
 def train(
     task: Task,
     model,
-    rows: list[Encoded],
+    rows: list[Encoded] | StepSource,
     cfg: TrainConfig,
     *,
     evaluate: Callable[[], dict] | None = None,
 ) -> Result:
-    """Run the optimizer steps of ``cfg`` over ``rows``; writes metrics and checkpoints under ``cfg.output_dir``."""
+    """Run the optimizer steps of ``cfg`` over ``rows`` (a list, or a :class:`StepSource` that makes each step's
+    rows); writes metrics and checkpoints under ``cfg.output_dir``."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = dist.rank(), dist.world()
@@ -151,14 +193,15 @@ def train(
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
-    n_steps = total_steps(cfg, len(rows))
+    source = FixedRows(rows, cfg) if isinstance(rows, list) else rows
+    n_steps = source.n_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, n_steps))
-    schedule = Schedule(len(rows), cfg.batch_size * cfg.grad_accum * world, cfg.seed)
 
     start = 0
     ckpts = checkpoint.list_checkpoints(out / "checkpoints")
     if cfg.resume and ckpts:
         start = checkpoint.load(ckpts[-1], model, optimizer)
+        source.load_state_dict(checkpoint.load_extra(ckpts[-1]))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, n_steps), last_epoch=start - 1)
         log.info("resumed from %s (step %d of %d)", ckpts[-1].name, start, n_steps)
     elif cfg.resume:
@@ -176,13 +219,15 @@ def train(
     try:
         for step in range(start, n_steps):
             t0 = time.perf_counter()
-            step_rows = [rows[i] for i in schedule.rows_of_step(step)]
-            normaliser = sum(task.weight(r) for r in step_rows)
-            mine = step_rows[rank::world]
+            mine = source.rows(step, model)
+            t_update = time.perf_counter()
+            normaliser = _global_sum(sum(task.weight(r) for r in mine))
             if hasattr(task, "begin_step"):
                 with autocast(cfg.precision):
                     task.begin_step(model, mine)
             sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for k, (s, c) in source.metrics().items():
+                sums[k] = [s, c]
             n_tokens = 0
             for mb in micro_batches(mine, cfg.batch_size, cfg.group_by_length):
                 with autocast(cfg.precision):
@@ -201,10 +246,11 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             record = _reduce(sums, n_tokens)
-            elapsed = time.perf_counter() - t0
+            now = time.perf_counter()
+            elapsed = now - t0
             record.update(
                 step=step + 1, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), seconds=elapsed,
-                tokens_per_s=record.pop("tokens") / elapsed,
+                tokens_per_s=record.pop("tokens") / (now - t_update),
             )
             periodic = cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0
             if evaluate is not None and (periodic or step + 1 == n_steps):
@@ -220,11 +266,13 @@ def train(
             if rank == 0 and (step + 1) % cfg.log_every == 0 and bar is None:
                 log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             if cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0 and step + 1 < n_steps and rank == 0:
-                checkpoint.save(out / "checkpoints", step + 1, model, optimizer, keep=cfg.save_total_limit)
+                checkpoint.save(out / "checkpoints", step + 1, model, optimizer, keep=cfg.save_total_limit,
+                                extra=source.state_dict())
             dist.barrier()
     except KeyboardInterrupt:
         if rank == 0 and result.steps > start:
-            path = checkpoint.save(out / "checkpoints", result.steps, model, optimizer, keep=cfg.save_total_limit)
+            path = checkpoint.save(out / "checkpoints", result.steps, model, optimizer, keep=cfg.save_total_limit,
+                                   extra=source.state_dict())
             log.warning("interrupted: saved %s; run again with resume=true to continue", path)
         raise
     finally:
@@ -232,6 +280,14 @@ def train(
             bar.close()
         writer.close()
     return result
+
+
+def _global_sum(x: float) -> float:
+    if dist.world() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce_sum(t)
+    return t.item()
 
 
 def _reduce(sums: dict[str, list[float]], n_tokens: int) -> dict:
