@@ -12,13 +12,16 @@ import sys
 import traceback
 
 from alignkit import __version__
-from alignkit.config import DPOConfig, RMConfig, SFTConfig, build, help_text
+from alignkit.config import DPOConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
 from alignkit.errors import UserError
 
 METHODS = {
     "sft": (SFTConfig, "alignkit.recipes.sft", "Supervised fine-tuning on text, messages or prompt/completion rows."),
     "rm": (RMConfig, "alignkit.recipes.rm", "Reward model: Bradley-Terry on pairs or rankings, aspect heads, or process=true."),
     "dpo": (DPOConfig, "alignkit.recipes.dpo", "Offline preference training: loss=dpo|cdpo|robust|hinge|ipo|kto|orpo|simpo."),
+    "grpo": (RLConfig, "alignkit.recipes.rl", "Online RL on prompts: preset=grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp|ppo."),
+    "ppo": (PPOConfig, "alignkit.recipes.rl", "PPO-RLHF: policy, reference, reward function or model, value model, GAE."),
+    "online-dpo": (OnlineDPOConfig, "alignkit.recipes.online_dpo", "Online DPO: a judge labels two samples per prompt."),
 }
 
 USAGE = """usage: alignkit <command> [--config FILE.yaml] [key=value ...]

@@ -149,6 +149,139 @@ class RMConfig(TrainConfig):
             raise ConfigError("a process reward model has one head: leave aspects unset")
 
 
+@dataclass
+class RolloutConfig(TrainConfig):
+    """What online methods share: prompts in, sampled completions, reward functions."""
+
+    prompts_per_step: int = opt(8, "Prompts drawn for each rollout (each gets num_generations completions).")
+    num_generations: int = opt(8, "Completions sampled per prompt (the group size G).")
+    max_new_tokens: int = opt(64, "Token limit of each completion.")
+    temperature: float = opt(1.0, "Sampling temperature (0: greedy).")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
+    top_k: int = opt(0, "Sample among the k most likely tokens (0: off).")
+    stop: str = opt("", "Stop string, or a JSON list of them (e.g. '[\"\\n\\n\", \"Question:\"]').")
+    rollout_precision: str = opt("bf16", "Generation precision: a bf16 copy of the weights (fast) or the fp32 model.", ("bf16", "fp32"))
+    rollout_batch: int = opt(64, "Sequences generated at once.")
+    rewards: str = opt("correctness", "Comma-separated reward functions: correctness, format, length, overlong, language, rm:PATH, module:function or file.py:function.")
+    reward_weights: str = opt("", "Comma-separated weights of the reward functions (default: all 1).")
+    reward_timeout: float = opt(30.0, "Seconds a reward function may take per call before its completions get no reward.")
+    overlong_buffer: int = opt(0, "DAPO overlong buffer in tokens for the `overlong` reward (0: max_new_tokens // 4).")
+    language: str = opt("en", "Target language of the `language` reward.", ("en", "zh"))
+    batch_size: int = opt(2, "Prompt groups (a prompt and its completions) per micro-batch.")
+    eval_prompts: int = opt(0, "Held-out prompts scored (greedy) at each evaluation; 0: all of them.")
+    lr: float = opt(1e-6, "Peak learning rate of AdamW.")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        import json
+
+        if not self.stop:
+            return ()
+        if self.stop.lstrip().startswith("["):
+            return tuple(json.loads(self.stop))
+        return (self.stop,)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("prompts_per_step", "num_generations", "max_new_tokens", "rollout_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        try:
+            stops = self.stop_strings
+        except ValueError as e:
+            raise ConfigError(f"stop={self.stop!r}: not a JSON list of strings ({e})") from None
+        if not all(isinstance(x, str) and x for x in stops):
+            raise ConfigError(f"stop={self.stop!r}: expected non-empty strings")
+
+
+@dataclass
+class RLConfig(RolloutConfig):
+    """Online RL: a preset names a combination of registry entries; any field left unset takes the preset's value."""
+
+    preset: str = opt("grpo", "Named combination of advantage, policy loss, aggregation and KL.", ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"))
+    advantage: str | None = opt(None, "Advantage estimator (default: the preset's).", ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", None))
+    policy_loss: str | None = opt(None, "Policy loss (default: the preset's).", ("ppo_clip", "gspo", None))
+    aggregation: str | None = opt(None, "Loss aggregation (default: the preset's).", ("token_mean", "seq_mean_token_mean", "seq_sum_constant", None))
+    kl_estimator: str | None = opt(None, "KL estimator k1, k2 or k3 (default: the preset's).", ("k1", "k2", "k3", None))
+    kl_in: str | None = opt(None, "Where the KL penalty goes (default: the preset's).", ("reward", "loss", "none", None))
+    kl_coef: float | None = opt(None, "KL coefficient beta (default: the preset's).")
+    kl_target: float = opt(0.0, "Adaptive KL controller target (summed KL per completion); 0 keeps kl_coef fixed.")
+    kl_horizon: int = opt(10000, "Adaptive KL controller horizon.")
+    eps_low: float | None = opt(None, "Lower clip range (default: the preset's).")
+    eps_high: float | None = opt(None, "Upper clip range; > eps_low is DAPO's clip-higher (default: the preset's).")
+    dual_clip: float | None = opt(None, "Dual-clip bound c > 1 for negative advantages (default: off).")
+    whiten_advantages: bool | None = opt(None, "Normalise advantages over the rollout (default: the preset's).")
+    gamma: float = opt(1.0, "Discount of GAE and REINFORCE++.")
+    lam: float = opt(0.95, "GAE lambda.")
+    ppo_epochs: int = opt(1, "Passes over each rollout.")
+    mini_batches: int = opt(1, "Optimizer steps per pass over a rollout.")
+    dynamic_sampling: bool | None = opt(None, "DAPO dynamic sampling: drop groups whose rewards are all equal and draw more (default: on for dapo).")
+    max_sampling_rounds: int = opt(4, "Dynamic sampling: most draws per rollout before training on what it has.")
+    curriculum: bool = opt(False, "Track each prompt's pass rate; drop prompts always or never solved; sample hard ones more.")
+    curriculum_min_attempts: int = opt(8, "Completions seen before a prompt can be dropped.")
+    success_threshold: float = opt(1.0, "A completion passes (for the curriculum) when its reward is at least this.")
+    value_model: str = opt("separate", "PPO critic: its own backbone, or a head on the policy's trunk.", ("separate", "shared"))
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    value_clip: float = opt(0.2, "Value clipping range eps_v.")
+
+    def objective(self):
+        from alignkit.rl.objective import preset
+
+        return preset(
+            self.preset, advantage=self.advantage, policy_loss=self.policy_loss, aggregation=self.aggregation,
+            kl_estimator=self.kl_estimator, kl_in=self.kl_in, kl_coef=self.kl_coef, eps_low=self.eps_low,
+            eps_high=self.eps_high, dual_clip=self.dual_clip, whiten_advantages=self.whiten_advantages,
+            gamma=self.gamma, lam=self.lam, aggregation_constant=float(self.max_new_tokens),
+        )
+
+    @property
+    def use_dynamic_sampling(self) -> bool:
+        return self.preset == "dapo" if self.dynamic_sampling is None else self.dynamic_sampling
+
+    def validate(self) -> None:
+        super().validate()
+        obj = self.objective()
+        if obj.needs_groups and self.num_generations < 2:
+            raise ConfigError(f"advantage={obj.advantage} compares completions of a prompt: num_generations must be >= 2")
+        for name in ("ppo_epochs", "mini_batches", "max_sampling_rounds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.mini_batches > self.prompts_per_step:
+            raise ConfigError(f"mini_batches={self.mini_batches} exceeds prompts_per_step={self.prompts_per_step}")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO-RLHF: policy, reference, reward (any reward function, e.g. rm:PATH) and a value model, with GAE."""
+
+    preset: str = opt("ppo", "Named combination of advantage, policy loss, aggregation and KL.", ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"))
+    num_generations: int = opt(1, "Completions sampled per prompt.")
+    prompts_per_step: int = opt(16, "Prompts drawn for each rollout.")
+    ppo_epochs: int = opt(2, "Passes over each rollout.")
+    mini_batches: int = opt(2, "Optimizer steps per pass over a rollout.")
+
+
+@dataclass
+class OnlineDPOConfig(RolloutConfig):
+    """Online DPO (Guo et al. 2402.04792): two samples per prompt, a judge picks the better, DPO loss."""
+
+    loss: str = opt("dpo", "Preference loss applied to the judged pair.", ("dpo", "cdpo", "robust", "hinge", "ipo", "simpo"))
+    beta: float = opt(0.1, "Inverse temperature beta of the preference loss.")
+    label_smoothing: float = opt(0.0, "Label-flip rate for cdpo and robust.")
+    gamma: float = opt(0.5, "SimPO target margin gamma.")
+    num_generations: int = opt(2, "Samples per prompt (2: one pair; more: the judge's best and worst).")
+    share_prompt: bool = opt(True, "Run each pair's prompt through the model once for both responses.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_generations < 2:
+            raise ConfigError("online DPO needs num_generations >= 2 (a pair per prompt)")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be positive, got {self.beta}")
+
+
 # ---------------------------------------------------------------- parsing
 
 

@@ -71,3 +71,19 @@ def unpaired_jsonl(directory, n: int = 16, seed: int = 0, name: str = "unpaired.
         good = i % 2 == 0
         rows.append({"prompt": prompt, "completion": ANSWERS[k].format(x=hi if good else lo), "label": good})
     return _write(directory, name, rows)
+
+
+def prompt_jsonl(directory, n: int = 32, seed: int = 0, name: str = "prompts.jsonl") -> Path:
+    """Prompt-only rows for online RL: ``prompt`` plus the ``answer`` column (the larger digit)."""
+    rows = [{"prompt": prompt, "answer": str(hi)} for prompt, hi, _, _ in _pairs(n, seed)]
+    return _write(directory, name, rows)
+
+
+def max_digit_reward(prompts, completions, answer, **_):
+    """A learnable reward for tiny random models: 1 if the completion starts with the larger digit, 0.2 if it
+    starts with another digit, 0 otherwise (the 0.2 gives a random policy some signal to climb)."""
+    out = []
+    for c, a in zip(completions, answer):
+        first = c.lstrip()[:1]
+        out.append(1.0 if first == a else 0.2 if first.isdigit() else 0.0)
+    return out

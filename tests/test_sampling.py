@@ -95,7 +95,7 @@ def test_dynamic_sampling_stops_at_the_cap_with_one_warning(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "0 of 5 groups" in warnings[0] and "3 rounds" in warnings[0] and "15 groups drawn" in warnings[0]
-    assert "max_rounds" in warnings[0] and "curriculum" in warnings[0] and "skipped" in warnings[0]
+    assert "max_sampling_rounds" in warnings[0] and "curriculum" in warnings[0] and "skipped" in warnings[0]
 
 
 def test_dynamic_sampling_returns_fewer_at_the_cap(caplog):

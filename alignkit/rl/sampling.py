@@ -97,8 +97,8 @@ class DynamicSampler:
         if len(kept) < target:
             log.warning(
                 "dynamic sampling: only %d of %d groups have rewards that differ after %d rounds "
-                "(%d groups drawn, %d had the same reward for every completion)%s. Raise max_rounds, "
-                "enable the curriculum (drops prompts always or never solved), or use data nearer the "
+                "(%d groups drawn, %d had the same reward for every completion)%s. Raise max_sampling_rounds, "
+                "set curriculum=true (drops prompts always or never solved), or use data nearer the "
                 "model's level.",
                 len(kept), target, stats["rounds"], stats["drawn"], stats["dropped"],
                 "; this step trains on fewer groups" if kept else "; this step is skipped",

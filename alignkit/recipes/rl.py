@@ -1,0 +1,144 @@
+"""Online RL: ``alignkit grpo preset=grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp`` and ``alignkit ppo``.
+
+Prompt rows (``prompt`` as text or a message list, plus any columns the reward functions read, e.g. ``answer``)
+-> rollouts (the in-process engine) -> rewards -> advantages -> the policy loss, all on the one training loop
+(``alignkit.rl.trainer`` has the details). The models:
+
+- policy: the model being trained (LoRA or full);
+- reference (only when the objective uses a KL term): with LoRA the base with adapters off, costing no memory;
+  otherwise the initial weights loaded again and frozen (so a resumed run still compares with them);
+- reward: the reward functions, one of which may be a trained reward model (``rewards=rm:PATH``);
+- value (only for ``advantage=gae``, i.e. PPO): a head on its own backbone (``value_model=separate``) or on
+  the policy's trunk (``value_model=shared``).
+
+Held-out prompts (``eval_data`` or ``eval_fraction``) are answered greedily before training, every
+``eval_steps`` and at the end; the mean of every reward function over them is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from alignkit.config import RLConfig
+from alignkit.data.formats import load_examples
+from alignkit.data.tokenize import _chat_text, _ids
+from alignkit.errors import DataError
+from alignkit.models.loading import LoraSettings, load_model
+from alignkit.recipes.common import log_data, save_final, seed_everything, setup_logging, split_eval, write_config
+from alignkit.rl.objective import KLController
+from alignkit.rl.rewards import RewardContext, build_reward_set
+from alignkit.rl.rollout import LocalEngine, SamplingParams
+from alignkit.rl.sampling import Curriculum, DynamicSampler, PromptSampler
+from alignkit.rl.trainer import ActorCritic, Collector, PolicyTask, Prompt, Rollouts, ValueHead
+from alignkit.train import dist
+from alignkit.train.loop import train
+
+log = logging.getLogger("alignkit")
+
+
+def encode_prompts(examples, tok, max_prompt_length: int, path: str) -> list[Prompt]:
+    """Token ids of each prompt: message lists through the chat template (with the generation prompt), plain
+    text as it is (TRL's conversational and standard formats). Over-long prompts keep their last tokens."""
+    out = []
+    for ex in examples:
+        if isinstance(ex.prompt, list):
+            ids = _ids(tok, _chat_text(tok, ex.prompt, True))
+        else:
+            ids = _ids(tok, ex.prompt, special=True)
+        if not ids:
+            raise DataError("empty prompt", path=path, line=getattr(ex.origin, "line", None), field="prompt")
+        out.append(Prompt(ids[-max_prompt_length:], ex.prompt, dict(ex.extra)))
+    return out
+
+
+def load_prompts(cfg: RLConfig, tok) -> tuple[list[Prompt], list[Prompt]]:
+    loaded = load_examples(cfg.data, "prompt", skip_invalid=cfg.skip_invalid)
+    log_data(loaded)
+    train_ex, held = split_eval(cfg, loaded.examples, "prompt")
+    limit = cfg.max_prompt_length or cfg.max_length // 2
+    held_prompts = encode_prompts(held, tok, limit, cfg.eval_data or cfg.data)
+    if cfg.eval_prompts > 0:
+        held_prompts = held_prompts[: cfg.eval_prompts]
+    return encode_prompts(train_ex, tok, limit, cfg.data), held_prompts
+
+
+def evaluator(engine, rewards, prompts: list[Prompt], policy, cfg):
+    """Greedy answers to the held-out prompts, scored by every reward function: ``{reward/<name>: mean}``."""
+
+    def evaluate() -> dict:
+        engine.update_weights(policy)
+        sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop_strings)
+        comps = [g[0] for g in engine.generate([p.ids for p in prompts], 1, sampling)]
+        cols: dict[str, list] = {}
+        for p in prompts:
+            for k, v in p.columns.items():
+                cols.setdefault(k, []).append(v)
+        scores = rewards([p.prompt for p in prompts], [c.text for c in comps],
+                         {**cols, "lengths": [len(c.token_ids) for c in comps]})
+        out = {}
+        for name, vals in scores.per_function.items():
+            got = [v for v in vals if v is not None]
+            out[f"reward/{name}"] = sum(got) / len(got) if got else float("nan")
+        out["length"] = sum(len(c.token_ids) for c in comps) / max(1, len(comps))
+        return out
+
+    return evaluate
+
+
+def run(cfg: RLConfig) -> dict:
+    dist.init()
+    setup_logging()
+    seed_everything(cfg.seed)
+    obj = cfg.objective()
+    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
+    policy, tok = load_model(cfg.model, lora=lora, seed=cfg.seed)
+    prompts, held = load_prompts(cfg, tok)
+    out = write_config(cfg)
+
+    reference = None
+    if obj.uses_kl:
+        reference = "adapters" if lora else load_model(cfg.model, seed=cfg.seed)[0].eval().requires_grad_(False)
+    model = policy
+    if obj.needs_value_model:
+        critic = None if cfg.value_model == "shared" else load_model(cfg.model, lora=lora, seed=cfg.seed)[0]
+        model = ActorCritic(policy, ValueHead(policy.config.hidden_size), critic)
+
+    ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4),
+                        language=cfg.language, timeout=cfg.reward_timeout)
+    rewards = build_reward_set(cfg.rewards, cfg.reward_weights, ctx)
+    rewards.warm_up()
+    engine = LocalEngine(policy, tok, precision=cfg.rollout_precision, max_batch=cfg.rollout_batch)
+    curriculum = Curriculum(len(prompts), min_attempts=cfg.curriculum_min_attempts,
+                            success_threshold=cfg.success_threshold) if cfg.curriculum else None
+    sampler = PromptSampler(len(prompts), cfg.seed, curriculum)
+    dynamic = DynamicSampler(cfg.max_sampling_rounds) if cfg.use_dynamic_sampling else None
+    collector = Collector(engine, rewards, prompts, sampler, cfg, dynamic=dynamic, curriculum=curriculum)
+
+    # max_steps counts optimizer steps, as everywhere; each rollout feeds ppo_epochs x mini_batches of them
+    updates = cfg.ppo_epochs * cfg.mini_batches
+    n_steps = cfg.max_steps if cfg.max_steps > 0 else updates * max(
+        1, math.ceil(cfg.epochs * len(prompts) / (cfg.prompts_per_step * dist.world())))
+    kl = KLController(obj.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    source = Rollouts(collector, obj, kl, cfg, tok.pad_token_id, n_steps, reference=reference)
+    task = PolicyTask(obj, kl, tok.pad_token_id, cfg.logits_chunk, vf_coef=cfg.vf_coef, value_clip=cfg.value_clip)
+    log.info("%s: %d prompts (%d held out), %d optimizer steps, %d per rollout; %s", cfg.preset, len(prompts),
+             len(held), n_steps, updates, obj)
+
+    evaluate = evaluator(engine, rewards, held, policy, cfg) if held else None
+    summary: dict = {"preset": cfg.preset}
+    if evaluate is not None and not cfg.resume:
+        summary["eval_before"] = evaluate()
+        log.info("held-out before training: %s", summary["eval_before"])
+    result = train(task, model, source, cfg, evaluate=evaluate)
+    last = result.history[-1] if result.history else {}
+    summary.update({k: v for k, v in last.items() if isinstance(v, (int, float))})
+    summary["steps"] = result.steps
+    if evaluate is not None:
+        summary["eval_after"] = {k[5:]: v for k, v in last.items() if k.startswith("eval/")}
+    save_final(policy, tok, cfg, cfg.preset, {"steps": result.steps})
+    if isinstance(model, ActorCritic) and dist.rank() == 0:
+        torch.save(model.head.state_dict(), out / "final" / "value_head.pt")
+    return summary

@@ -1,0 +1,292 @@
+"""Rollout engines: sample ``n`` completions for each prompt, with the sampler's log-probs, for online RL.
+
+:class:`LocalEngine` runs any transformers causal LM (plain or peft-wrapped) in process, with its own decoding
+loop instead of ``model.generate``:
+
+- the prompts of a batch are left-padded (``attention_mask`` 0 on the padding, ``position_ids`` counting only
+  real tokens) and prefilled **once** into a ``DynamicCache``; the cache rows are then repeated for the ``n``
+  samples of each prompt, and the first token of every sample is drawn from the shared last-position logits;
+- each decoding step feeds one token per still-active row; rows that finish (EOS, stop string, token limit)
+  are selected out of the cache, so late steps do not pay for finished rows;
+- more than ``max_batch`` rows (``prompts x n``) are processed in chunks of whole prompts, shortest first.
+
+Sampling at temperature ``T > 0``: ``p = softmax(logits / T)``, truncated to the ``top_k`` most likely tokens,
+then to the nucleus (the smallest set of most likely tokens whose renormalized mass is ``>= top_p``, never
+empty), renormalized, and sampled with a seeded ``torch.Generator``. ``T = 0`` is greedy (argmax).
+
+The log-prob reported for a token is ``log_softmax(logits / T)[token]`` — the tempered distribution **before**
+top-k/top-p truncation (``T = 1`` for greedy). At ``T = 1`` it is what the trainer recomputes with
+:func:`alignkit.models.logprobs.token_logps`, up to numerics. It is not the probability of the truncated
+sampler, which is ``0`` outside the kept set and larger inside it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache
+
+from alignkit.models.logprobs import unwrap
+
+STOP_MARGIN = 8  # extra tail tokens decoded for the stop check (tokens that decode to no text, split UTF-8)
+
+
+@dataclass
+class SamplingParams:
+    """How completions are sampled; see the module docstring for the exact distribution."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()  # stop strings
+    seed: int | None = None  # seeds a torch.Generator: same seed + same weights (+ same call) -> same samples
+
+
+@dataclass
+class Completion:
+    """One sampled completion.
+
+    ``token_ids`` include the EOS token if one ended the completion; after a stop string they end with the token
+    that completed it. ``text`` is decoded without special tokens and cut just before the (first) stop string.
+    ``logps[i]`` is ``log_softmax(logits / T)`` at ``token_ids[i]``: the tempered distribution before top-k/top-p
+    truncation (``T = 1`` when greedy). ``finish_reason`` is ``"eos"``, ``"stop"`` or ``"length"``.
+    """
+
+    token_ids: list[int]
+    text: str
+    logps: list[float]
+    finish_reason: str
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+        """``n`` completions of each prompt (token ids), as ``[len(prompts)][n]`` in sample order."""
+        ...
+
+    def update_weights(self, model) -> None:
+        """Make later generations use ``model``'s current weights."""
+        ...
+
+
+def sample_next(logits_BV: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None):
+    """Next tokens ``[B]`` and their log-probs ``[B]`` (untruncated tempered distribution) from ``logits_BV``."""
+    logits_BV = logits_BV.float()
+    if sampling.temperature <= 0:
+        tokens_B = logits_BV.argmax(-1)
+        logp_BV = logits_BV.log_softmax(-1)
+    else:
+        logp_BV = (logits_BV / sampling.temperature).log_softmax(-1)
+        kept_BV = logp_BV.masked_fill(~_kept(logp_BV, sampling.top_k, sampling.top_p), float("-inf"))
+        tokens_B = torch.multinomial(kept_BV.softmax(-1), 1, generator=generator).squeeze(-1)
+    return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def _kept(logp_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Boolean ``[B, V]``: tokens that survive top-k (ties at the k-th value kept), then top-p on the rest."""
+    keep_BV = torch.ones_like(logp_BV, dtype=torch.bool)
+    if 0 < top_k < logp_BV.shape[-1]:
+        kth_B1 = logp_BV.topk(top_k, dim=-1).values[:, -1:]
+        keep_BV = logp_BV >= kth_B1
+    if top_p < 1.0:
+        p_BV = logp_BV.masked_fill(~keep_BV, float("-inf")).softmax(-1)  # renormalized after top-k
+        p_sorted_BV, order_BV = p_BV.sort(-1, descending=True)
+        # keep a token if the mass strictly before it is < top_p: the smallest prefix reaching top_p
+        in_nucleus_BV = (p_sorted_BV.cumsum(-1) - p_sorted_BV) < top_p
+        in_nucleus_BV[:, 0] = True
+        keep_BV = keep_BV & torch.zeros_like(keep_BV).scatter(-1, order_BV, in_nucleus_BV)
+    return keep_BV
+
+
+class LocalEngine:
+    """In-process rollout engine for a transformers causal LM (plain or peft-wrapped).
+
+    ``precision="fp32"`` runs the given model as it is (no copy; it is put in eval mode during generation and its
+    train/eval state restored). ``precision="bf16"`` keeps a separate bfloat16 copy of the model, cast once
+    (no autocast per step); for a peft model the copy holds the merged weights ``W + sum_a delta_a`` of the active
+    adapters, computed without touching the training model. :meth:`update_weights` refreshes that copy in place.
+
+    ``eos_ids`` holds the token ids that end a completion: the tokenizer's EOS and the model's
+    ``generation_config.eos_token_id`` (set it to an empty set to always run to ``max_new_tokens``).
+    """
+
+    def __init__(self, model, tokenizer, *, precision: str = "bf16", max_batch: int = 64):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+        self.tokenizer, self.precision, self.max_batch = tokenizer, precision, max_batch
+        self.model = model
+        self._copy = None
+        eos = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None)
+        eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        self.eos_ids = {int(e) for e in eos if e is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.update_weights(model)
+
+    # ------------------------------------------------------------------------------------------- weights
+
+    def update_weights(self, model) -> None:
+        """Use ``model``'s current weights: fp32 records the model; bf16 copies its merged weights into the copy."""
+        self.model = model
+        if self.precision == "fp32":
+            return
+        base = unwrap(model)
+        if self._copy is None:
+            self._copy = _empty_bf16_copy(base)
+        with torch.no_grad():
+            for name, p in self._copy.named_parameters():
+                p.copy_(merged_parameter(base, name))
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    def generate_text(self, prompts: list[str], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+        """:meth:`generate` on prompt strings (tokenized as they are: ``add_special_tokens=False``)."""
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return self.generate(ids, n, sampling)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+        """``n`` completions for each prompt (token ids), ``[len(prompts)][n]`` in sample order.
+
+        A prompt's ``n`` samples always share one batch (so one prefill), even when ``n > max_batch``.
+        """
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if n <= 0:
+            return [[] for _ in prompts]
+        net = self._copy if self.precision == "bf16" else self.model
+        device = next(net.parameters()).device
+        seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
+        generator = torch.Generator(device=device).manual_seed(seed)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+        per_chunk = max(1, self.max_batch // n)
+        out: list[list[Completion]] = [[] for _ in prompts]
+        modes = [(m, m.training) for m in net.modules()]  # restored module by module (some may be frozen in eval)
+        net.eval()
+        try:
+            # no_grad rather than inference_mode: buffers a model updates in forward (e.g. dynamic RoPE) must stay
+            # usable by the training model's autograd afterwards.
+            with torch.no_grad():
+                for start in range(0, len(order), per_chunk):
+                    idx = order[start : start + per_chunk]
+                    done = self._generate_chunk(net, [list(prompts[i]) for i in idx], n, sampling, generator, device)
+                    for j, i in enumerate(idx):
+                        out[i] = done[j * n : (j + 1) * n]
+        finally:
+            for m, training in modes:
+                m.training = training
+        return out
+
+    def _generate_chunk(self, net, prompts: list[list[int]], n, sampling, generator, device) -> list[Completion]:
+        """Completions of ``len(prompts) * n`` rows, row ``r`` being sample ``r % n`` of prompt ``r // n``."""
+        P, T = len(prompts), max(len(p) for p in prompts)
+        ids_PT = torch.full((P, T), self.pad_id, dtype=torch.long)
+        mask_PT = torch.zeros((P, T), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's last position is its last prompt token
+            ids_PT[i, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask_PT[i, T - len(p) :] = 1
+        ids_PT, mask_PT = ids_PT.to(device), mask_PT.to(device)
+        pos_PT = (mask_PT.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=unwrap(net).config)  # the config gives sliding-window layers their own kind
+        logits_PV = _forward(net, ids_PT, mask_PT, pos_PT, cache)
+
+        R = P * n
+        prompt_of_R = torch.arange(P, device=device).repeat_interleave(n)
+        logits_AV = logits_PV[prompt_of_R]  # the n samples of a prompt share its last-position logits
+        cache_rows_A = prompt_of_R  # which cache row each active row continues (first: its prompt's row)
+        mask_AS, next_pos_A = mask_PT[prompt_of_R], mask_PT.sum(-1)[prompt_of_R]
+        active = list(range(R))
+        tokens: list[list[int]] = [[] for _ in range(R)]
+        logps: list[list[float]] = [[] for _ in range(R)]
+        reasons = ["length"] * R
+        stops = tuple(s for s in sampling.stop if s)
+        window = max((len(s) for s in stops), default=0) + STOP_MARGIN
+        for step in range(sampling.max_new_tokens):
+            tok_A, lp_A = sample_next(logits_AV, sampling, generator)
+            keep = []
+            for j, (r, t, lp) in enumerate(zip(active, tok_A.tolist(), lp_A.tolist())):
+                tokens[r].append(t)
+                logps[r].append(lp)
+                if t in self.eos_ids:
+                    reasons[r] = "eos"
+                elif stops and self._ends_with_stop(tokens[r][-window:], stops):
+                    reasons[r] = "stop"
+                elif step + 1 < sampling.max_new_tokens:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(active) or step == 0:  # expand (step 0) and/or drop finished rows
+                sel_A = torch.tensor(keep, device=device)
+                cache.batch_select_indices(cache_rows_A[sel_A])
+                active = [active[j] for j in keep]
+                tok_A, mask_AS, next_pos_A = tok_A[sel_A], mask_AS[sel_A], next_pos_A[sel_A]
+            mask_AS = torch.cat([mask_AS, mask_AS.new_ones(len(active), 1)], dim=1)
+            logits_AV = _forward(net, tok_A[:, None], mask_AS, next_pos_A[:, None], cache)
+            cache_rows_A = torch.arange(len(active), device=device)
+            next_pos_A = next_pos_A + 1
+        return [self._completion(tokens[r], logps[r], reasons[r], stops) for r in range(R)]
+
+    def _ends_with_stop(self, tail: list[int], stops: tuple[str, ...]) -> bool:
+        # Only the tail is decoded, so the check costs O(window) per step, not O(length).
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    def _completion(self, token_ids: list[int], logps: list[float], reason: str, stops) -> Completion:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if reason == "stop":
+            cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if cuts:
+                text = text[: min(cuts)]
+        return Completion(token_ids=token_ids, text=text, logps=logps, finish_reason=reason)
+
+
+def _forward(net, ids_BT, mask_BS, pos_BT, cache) -> torch.Tensor:
+    """Float32 next-token logits ``[B, V]`` at the last position; appends the inputs' keys/values to ``cache``."""
+    out = net(input_ids=ids_BT, attention_mask=mask_BS, position_ids=pos_BT, past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def _empty_bf16_copy(base):
+    """A model of ``base``'s class and config with uninitialized bf16 parameters (filled by ``update_weights``).
+
+    Built on the meta device, so no time goes into random initialization. Buffers (e.g. rotary frequencies) are
+    taken from ``base`` as they are, as ``from_pretrained(dtype=torch.bfloat16)`` would leave them in float32.
+    """
+    device = next(base.parameters()).device
+    with torch.device("meta"):
+        net = type(base)(copy.deepcopy(base.config))
+    net.to_empty(device=device)
+    net.tie_weights()  # to_empty breaks tying of shared parameters
+    for p in net.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.bfloat16)
+    for name, buf in base.named_buffers():
+        mod_path, _, attr = name.rpartition(".")
+        net.get_submodule(mod_path)._buffers[attr] = buf.detach().clone()
+    return net.eval().requires_grad_(False)
+
+
+def merged_parameter(base, name: str) -> torch.Tensor:
+    """Parameter ``name`` (named as in the plain model) of ``base``, with active LoRA deltas added.
+
+    For a peft-injected layer: ``W = W_base + sum over active adapters of B @ A * scaling`` (peft's
+    ``get_delta_weight``); nothing is added when adapters are disabled or already merged into ``W_base``.
+    """
+    mod_path, _, attr = name.rpartition(".")
+    mod = base.get_submodule(mod_path)
+    if not hasattr(mod, "get_base_layer"):  # a plain module
+        return getattr(mod, attr)
+    value = getattr(mod.get_base_layer(), attr)
+    if attr != "weight" or mod.disable_adapters or mod.merged:
+        return value
+    for adapter in mod.active_adapters:
+        if adapter not in getattr(mod, "lora_A", {}) and adapter not in getattr(mod, "lora_embedding_A", {}):
+            continue
+        if getattr(mod, "use_dora", {}).get(adapter, False):
+            raise NotImplementedError("the bf16 rollout copy does not merge DoRA adapters; use precision='fp32'")
+        value = value + mod.get_delta_weight(adapter)
+    return value

@@ -1,0 +1,412 @@
+"""Online training on the one training loop: rollouts as a :class:`~alignkit.train.loop.StepSource`, and the
+policy-gradient :class:`~alignkit.train.loop.Task`.
+
+A rollout draws ``prompts_per_step`` prompts, samples G completions of each with the rollout engine, scores them
+with the reward functions (DAPO dynamic sampling and the curriculum act here), computes the reference
+log-probs, the behaviour log-probs and the critic's values without gradient where the objective needs them, and
+the advantages over the WHOLE rollout. The rollout is then cut into ``mini_batches`` optimizer steps, repeated
+for ``ppo_epochs`` passes. A row is one prompt group: the prompt and its G completions go through the model as
+one sequence under a block mask (``alignkit.data.collate.collate_shared``), so the prompt is computed once.
+
+Per-token values of a row (behaviour and reference log-probs, advantages, returns, old values, validity) are
+kept FLAT in the order ``collate_shared`` emits targets (completion by completion), so a micro-batch's values
+are their concatenation.
+
+On the first optimizer step after a rollout the weights are those that sampled it, so the behaviour
+log-probs are taken as ``logp.detach()`` of the same forward pass: the ratio is exactly 1 and the clip
+fraction 0 (and no extra forward pass is needed when each rollout is used once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from alignkit.data.collate import collate_shared
+from alignkit.data.tokenize import Encoded
+from alignkit.losses.policy import get_aggregation, get_kl_estimator, value_loss
+from alignkit.models.logprobs import autocast, hidden_states, project_logps
+from alignkit.rl.objective import KLController, Objective, compute_advantages, policy_objective
+from alignkit.rl.rollout import SamplingParams
+from alignkit.train import dist
+from alignkit.train.loop import Metrics, micro_batches
+
+log = logging.getLogger("alignkit")
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class ValueHead(nn.Module):
+    """A scalar value per position from the last hidden state (zero-initialised, so V starts at 0)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h_ND: torch.Tensor) -> torch.Tensor:
+        return self.proj(h_ND.float()).squeeze(-1)
+
+
+class ActorCritic(nn.Module):
+    """The policy and its critic, trained by one optimizer. ``critic`` is a separate backbone, or None to put
+    the value head on the policy's own trunk (one forward pass serves both)."""
+
+    def __init__(self, policy, head: ValueHead, critic=None):
+        super().__init__()
+        self.policy, self.head, self.critic = policy, head, critic
+
+
+def policy_of(model):
+    return model.policy if isinstance(model, ActorCritic) else model
+
+
+def unflatten(x_N: torch.Tensor, segment_N: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """``[S, T]`` from flat per-token values whose segments are contiguous runs (0 where a segment is shorter)."""
+    counts = torch.bincount(segment_N, minlength=n_segments)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(x_N.shape[0]) - starts[segment_N]
+    out = x_N.new_zeros(n_segments, int(counts.max()) if n_segments else 0)
+    return out.index_put((segment_N, pos), x_N)
+
+
+@dataclass
+class Forward:
+    """One micro-batch of groups through the policy (and critic): flat per-token tensors and their layout."""
+
+    logp_N: torch.Tensor
+    values_N: torch.Tensor | None
+    segment_N: torch.Tensor
+    n_segments: int
+
+    def bt(self, x_N: torch.Tensor) -> torch.Tensor:
+        return unflatten(x_N, self.segment_N, self.n_segments)
+
+
+def forward(model, rows: list[Encoded], pad_id: int, chunk: int, *, values: bool) -> Forward:
+    batch = collate_shared(rows, pad_id)
+    policy = policy_of(model)
+    h_BTD = hidden_states(policy, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])[batch["source"]]
+    logp_N = project_logps(policy, h_ND, batch["target"], chunk=chunk)
+    values_N = None
+    if values:
+        if model.critic is not None:
+            hc = hidden_states(model.critic, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            h_ND = hc.reshape(-1, hc.shape[-1])[batch["source"]]
+        values_N = model.head(h_ND)
+    return Forward(logp_N, values_N, batch["segment"], batch["n_segments"])
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+
+@dataclass
+class Prompt:
+    """A training or held-out prompt: its token ids, the prompt as the data gave it, and the row's other columns."""
+
+    ids: list[int]
+    prompt: object
+    columns: dict = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    """A prompt and its sampled completions with their rewards (None: no reward function gave a value)."""
+
+    index: int
+    prompt: Prompt
+    completions: list
+    raw: list[float | None]
+    per_function: dict[str, list]
+
+    @property
+    def rewards(self) -> list[float]:
+        """Rewards with missing ones replaced by the mean of the others (they carry no gradient: masked)."""
+        ok = [r for r in self.raw if r is not None]
+        fill = sum(ok) / len(ok) if ok else 0.0
+        return [fill if r is None else r for r in self.raw]
+
+
+class Sums:
+    """Metrics as ``name -> [sum, count]``, plus ``x/sumsq`` beside ``x/mean`` for a standard deviation."""
+
+    def __init__(self):
+        self.d: dict[str, list[float]] = {}
+
+    def add(self, name: str, total: float, count: float) -> None:
+        s = self.d.setdefault(name, [0.0, 0.0])
+        s[0] += total
+        s[1] += count
+
+    def values(self, name: str, xs) -> None:
+        xs = [float(x) for x in xs]
+        self.add(f"{name}/mean", sum(xs), len(xs))
+        self.add(f"{name}/sumsq", sum(x * x for x in xs), len(xs))
+
+    def out(self) -> Metrics:
+        return {k: (v[0], v[1]) for k, v in self.d.items()}
+
+
+class Collector:
+    """Draws prompts, samples groups, scores them; dynamic sampling and the curriculum act here."""
+
+    def __init__(self, engine, rewards, prompts: list[Prompt], sampler, cfg, *, dynamic=None, curriculum=None):
+        self.engine, self.rewards, self.prompts, self.sampler = engine, rewards, prompts, sampler
+        self.cfg, self.dynamic, self.curriculum = cfg, dynamic, curriculum
+
+    def sampling(self, rollout: int, round_: int) -> SamplingParams:
+        seed = ((self.cfg.seed * 1_000_003 + rollout) * 101 + round_) * 64 + dist.rank()
+        return SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
+                              max_new_tokens=self.cfg.max_new_tokens, stop=self.cfg.stop_strings, seed=seed)
+
+    def score(self, groups_in: list[tuple[int, list]], m: Sums) -> list[Group]:
+        flat_p, flat_c, cols, lengths = [], [], {}, []
+        for idx, comps in groups_in:
+            p = self.prompts[idx]
+            for c in comps:
+                flat_p.append(p.prompt)
+                flat_c.append(c.text)
+                lengths.append(len(c.token_ids))
+                for k, v in p.columns.items():
+                    cols.setdefault(k, []).append(v)
+        scores = self.rewards(flat_p, flat_c, {**cols, "lengths": lengths})
+        for name, vals in scores.per_function.items():
+            got = [v for v in vals if v is not None]
+            m.values(f"reward/{name}", got)
+            m.add(f"reward/{name}/failed", float(scores.failures.get(name, 0)), 1.0)
+        groups, k = [], 0
+        for idx, comps in groups_in:
+            n = len(comps)
+            per = {name: vals[k : k + n] for name, vals in scores.per_function.items()}
+            groups.append(Group(idx, self.prompts[idx], comps, scores.total[k : k + n], per))
+            k += n
+        return groups
+
+    def collect(self, rollout: int, n_prompts: int, m: Sums) -> list[Group]:
+        world, rank = dist.world(), dist.rank()
+        counter = {"round": 0}
+
+        def draw(k: int) -> list[Group]:
+            r = counter["round"]
+            counter["round"] += 1
+            idx = self.sampler.draw(k * world, rollout, r)[rank::world]
+            t0 = time.perf_counter()
+            outs = self.engine.generate([self.prompts[i].ids for i in idx], self.cfg.num_generations, self.sampling(rollout, r))
+            dt = time.perf_counter() - t0
+            n_tok = sum(len(c.token_ids) for g in outs for c in g)
+            m.add("time/generate", dt, 1.0)
+            m.add("rollout/tokens_per_s", n_tok / max(dt, 1e-9), 1.0)
+            comps = [c for g in outs for c in g]
+            m.values("completion/length", [len(c.token_ids) for c in comps])
+            m.add("completion/truncated", sum(c.finish_reason == "length" for c in comps), len(comps))
+            t1 = time.perf_counter()
+            groups = self.score(list(zip(idx, outs)), m)
+            m.add("time/reward", time.perf_counter() - t1, 1.0)
+            m.values("reward", [r for g in groups for r in g.raw if r is not None])
+            if self.curriculum is not None:
+                for g in groups:
+                    self.curriculum.update(g.index, [r for r in g.raw if r is not None])
+            return groups
+
+        if self.dynamic is None:
+            groups = draw(n_prompts)
+        else:
+            groups, stats = self.dynamic.fill(draw, n_prompts)
+            for k in ("rounds", "drawn", "kept", "dropped"):
+                m.add(f"dynamic_sampling/{k}", float(stats[k]), 1.0)
+        if self.curriculum is not None:
+            for k, v in self.curriculum.metrics().items():
+                if v == v:  # not NaN
+                    m.add(k, float(v), 1.0)
+        return groups
+
+
+class Rollouts:
+    """The :class:`~alignkit.train.loop.StepSource` of online RL (module docstring)."""
+
+    def __init__(self, collector: Collector, obj: Objective, kl: KLController, cfg, pad_id: int, n_steps: int,
+                 reference=None):
+        self.collector, self.obj, self.kl, self.cfg, self.pad_id = collector, obj, kl, cfg, pad_id
+        self.reference = reference  # a frozen model, "adapters" (LoRA off), or None when no KL is used
+        self.updates = cfg.ppo_epochs * cfg.mini_batches
+        self.n_steps = n_steps
+        self.buffer: list[Encoded] = []
+        self.buffer_rollout = -1
+        self._metrics: Metrics = {}
+
+    # ---- StepSource
+    def rows(self, step: int, model) -> list[Encoded]:
+        rollout, u = divmod(step, self.updates)
+        if self.buffer_rollout != rollout:
+            self._rollout(rollout, model)
+        epoch, part = divmod(u, self.cfg.mini_batches)
+        order = torch.randperm(len(self.buffer), generator=torch.Generator().manual_seed(self.cfg.seed + 7919 * rollout + epoch))
+        if epoch == 0:
+            order = torch.arange(len(self.buffer))
+        mine = [self.buffer[i] for i in order.tolist()[part :: self.cfg.mini_batches]]
+        for r in mine:
+            r.extra["fresh"] = u == 0
+        return mine
+
+    def metrics(self) -> Metrics:
+        m, self._metrics = self._metrics, {}
+        return m
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer, "buffer_rollout": self.buffer_rollout, "kl": self.kl.state_dict(),
+                "sampler": self.collector.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.buffer, self.buffer_rollout = state["buffer"], state["buffer_rollout"]
+        self.kl.load_state_dict(state["kl"])
+        self.collector.sampler.load_state_dict(state["sampler"])  # with the curriculum's state
+
+    # ---- one rollout
+    def _rollout(self, rollout: int, model) -> None:
+        m = Sums()
+        t0 = time.perf_counter()
+        policy = policy_of(model)
+        self.collector.engine.update_weights(policy)
+        groups = self.collector.collect(rollout, self.cfg.prompts_per_step, m)
+        rows = [self._row(g) for g in groups]
+        if rows:
+            self._score_tokens(model, rows, m)
+        else:
+            m.add("rollout/skipped", 1.0, 1.0)
+        self.buffer, self.buffer_rollout = rows, rollout
+        m.add("time/rollout", time.perf_counter() - t0, 1.0)
+        m.add("kl_coef", self.kl.beta, 1.0)
+        self._metrics = m.out()
+
+    def _row(self, g: Group) -> Encoded:
+        responses = [list(c.token_ids) for c in g.completions]
+        valid = torch.cat([torch.full((len(c.token_ids),), r is not None) for c, r in zip(g.completions, g.raw)])
+        return Encoded(g.prompt.ids, responses, g.index,
+                       extra={"valid": valid, "scores": torch.tensor(g.rewards, dtype=torch.float32)})
+
+    @torch.no_grad()
+    def _score_tokens(self, model, rows: list[Encoded], m: Sums) -> None:
+        obj = replace(self.obj, kl_coef=self.kl.beta)
+        need_old = self.updates > 1 or (obj.uses_kl and obj.kl_in == "reward")
+        need_values = obj.needs_value_model
+        was_training = model.training
+        model.eval()
+        for mb in micro_batches(rows, self.cfg.batch_size, False):
+            with autocast(self.cfg.precision):
+                if need_old or need_values:
+                    fw = forward(model, mb, self.pad_id, self.cfg.logits_chunk, values=need_values)
+                    _split(mb, "old", fw.logp_N)
+                    if need_values:
+                        _split(mb, "old_values", fw.values_N)
+                if obj.uses_kl:
+                    _split(mb, "ref", self._reference_logps(model, mb))
+        model.train(was_training)
+        # advantages over the whole rollout (REINFORCE++ and whitening normalise across it)
+        G = len(rows[0].responses)
+        segs = torch.cat([torch.arange(len(r.responses)).repeat_interleave(torch.tensor([len(x) for x in r.responses])) + i * G
+                          for i, r in enumerate(rows)])
+        S = len(rows) * G
+        mask = unflatten(torch.cat([r.extra["valid"] for r in rows]).float(), segs, S)
+        scores = torch.cat([r.extra["scores"] for r in rows])
+        kl_bt = None
+        if obj.uses_kl and obj.kl_in == "reward":
+            kl_n = get_kl_estimator(obj.kl_estimator).fn(torch.cat([r.extra["old"] for r in rows]),
+                                                         torch.cat([r.extra["ref"] for r in rows]))
+            kl_bt = unflatten(kl_n, segs, S)
+        values = unflatten(torch.cat([r.extra["old_values"] for r in rows]), segs, S) if need_values else None
+        adv, returns = compute_advantages(obj, scores, mask, group_size=G, kl_BT=kl_bt, values_BT=values)
+        flat = mask.bool() | (unflatten(torch.ones(segs.shape[0]), segs, S) > 0)
+        adv_n = adv[flat]
+        _split(rows, "adv", adv_n)
+        if returns is not None:
+            _split(rows, "returns", returns[flat])
+        valid_adv = adv[mask.bool()]
+        if valid_adv.numel():
+            m.values("advantage", valid_adv.tolist())
+            m.add("advantage/abs", float(valid_adv.abs().sum()), float(valid_adv.numel()))
+        if obj.uses_kl:
+            old = torch.cat([r.extra["old"] for r in rows]) if need_old else None
+            if old is not None:
+                k1 = unflatten(old - torch.cat([r.extra["ref"] for r in rows]), segs, S) * mask
+                seq_kl = k1.sum(-1)
+                m.add("rollout/kl", float(seq_kl.sum()), float(S))
+                self.kl.update(float(seq_kl.mean()), 1)
+
+    def _reference_logps(self, model, rows: list[Encoded]) -> torch.Tensor:
+        policy = policy_of(model)
+        if self.reference == "adapters":
+            ctx = policy.disable_adapter()
+            net = policy
+        else:
+            ctx, net = contextlib.nullcontext(), self.reference
+        with ctx:
+            batch = collate_shared(rows, self.pad_id)
+            h = hidden_states(net, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+            return project_logps(net, h.reshape(-1, h.shape[-1])[batch["source"]], batch["target"], chunk=self.cfg.logits_chunk)
+
+
+def _split(rows: list[Encoded], key: str, flat_N: torch.Tensor) -> None:
+    """Store a flat per-token tensor of a micro-batch back on its rows (in ``collate_shared``'s order)."""
+    k = 0
+    for r in rows:
+        n = sum(len(x) for x in r.responses)
+        r.extra[key] = flat_N[k : k + n].detach().float().clone()
+        k += n
+
+
+# ------------------------------------------------------------------------------------------------ the task
+
+
+class PolicyTask:
+    """The policy-gradient :class:`~alignkit.train.loop.Task` over rollout rows (module docstring)."""
+
+    def __init__(self, obj: Objective, kl: KLController, pad_id: int, chunk: int, *, vf_coef: float = 0.0,
+                 value_clip: float = 0.2):
+        self.obj, self.kl, self.pad_id, self.chunk = obj, kl, pad_id, chunk
+        self.vf_coef, self.value_clip = vf_coef, value_clip
+        self.counts = get_aggregation(obj.aggregation).counts
+
+    def weight(self, row: Encoded) -> float:
+        valid = row.extra["valid"]
+        if self.counts == "tokens":
+            return float(valid.sum())
+        k, n = 0, 0
+        for x in row.responses:
+            n += bool(valid[k : k + len(x)].any())
+            k += len(x)
+        return float(n)
+
+    def loss(self, model, rows: list[Encoded], normaliser: float):
+        obj = replace(self.obj, kl_coef=self.kl.beta)
+        critic = obj.needs_value_model
+        fw = forward(model, rows, self.pad_id, self.chunk, values=critic)
+        cat = lambda key: torch.cat([r.extra[key] for r in rows])  # noqa: E731
+        mask = fw.bt(cat("valid").float())
+        logp = fw.bt(fw.logp_N)
+        old = logp.detach() if rows[0].extra.get("fresh") else fw.bt(cat("old"))
+        ref = fw.bt(cat("ref")) if obj.uses_kl else None
+        loss, metrics = policy_objective(obj, logp, old, fw.bt(cat("adv")), mask, step_normaliser=normaliser,
+                                         ref_logp_BT=ref)
+        n_tok = float(mask.sum())
+        # E_{y~pi}[-log pi(y)] is the entropy: the sampled tokens' NLL estimates it without the full vocabulary
+        metrics["entropy"] = (float(-(fw.bt(cat("old") if "old" in rows[0].extra else fw.logp_N.detach()) * mask).sum()), n_tok)
+        if critic:
+            vl = value_loss(fw.bt(fw.values_N), fw.bt(cat("old_values")), fw.bt(cat("returns")), mask, eps_v=self.value_clip)
+            v = get_aggregation(obj.aggregation).fn(vl.losses, mask, step_normaliser=normaliser,
+                                                    constant=obj.aggregation_constant)
+            loss = loss + self.vf_coef * v
+            metrics["value/loss"] = (float(vl.losses.detach().sum()), n_tok)
+            metrics["value/clip_frac"] = (float(vl.metrics["vf_clip_frac"]) * n_tok, n_tok)
+            metrics["value/mean"] = (float((fw.bt(fw.values_N).detach() * mask).sum()), n_tok)
+        metrics["loss"] = (float(loss.detach()) * normaliser, float(len(rows)))
+        return loss, metrics
