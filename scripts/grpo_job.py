@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from alignkit.config import RLConfig, build
+from alignkit.data.answers import is_correct
 from alignkit.data.asdiv import load_samples, problem_ids, user_message
 from alignkit.data.sources import fetch
 from alignkit.eval.plots import plot_training
@@ -21,19 +22,31 @@ from alignkit.recipes import rl
 
 DEFAULTS = dict(
     model="smollm2-135m-instruct", preset="grpo", rewards="correctness", lora=True, lora_r=16, lora_alpha=32,
-    lr=1e-4, scheduler="constant", warmup_steps=2, prompts_per_step=8, num_generations=8, max_new_tokens=64,
+    lr=2e-4, scheduler="constant", warmup_steps=2, prompts_per_step=8, num_generations=8, max_new_tokens=64,
     temperature=0.8, max_steps=30, precision="bf16", rollout_precision="bf16", batch_size=2, max_length=512,
     output_dir="outputs/grpo",
 )
 
 
-def write_data(out: Path) -> tuple[Path, Path, int, int]:
-    """train.jsonl (every numeric ASDiv problem but the held-out ones) and test.jsonl (the DPO job's 150)."""
+def write_data(out: Path, pool: str) -> tuple[Path, Path, int, int]:
+    """train.jsonl and test.jsonl (the DPO job's 150 held-out problems).
+
+    ``pool="solved"``: the training problems of which at least one of the 4 shipped SmolLM2 samples is correct
+    (``alignkit data fetch asdiv-prefs``): a curriculum's "drop prompts never solved", measured beforehand. With
+    about 3% of samples correct, most groups of 8 on an arbitrary problem are all wrong and give no gradient.
+    ``pool="all"``: every numeric ASDiv problem but the held-out ones.
+    """
     rows = {r["id"]: r for r in map(json.loads, (fetch("asdiv") / "data.jsonl").read_text().splitlines())}
-    held = {s["id"] for s in load_samples()[-150:]}
+    samples = load_samples()
+    held = {s["id"] for s in samples[-150:]}
+    if pool == "solved":
+        train_ids = [s["id"] for s in samples[:-150]
+                     if any(t and is_correct(t, rows[s["id"]]["answer"]) for t in s["samples"])]
+    else:
+        train_ids = [i for i in problem_ids(rows) if i not in held]
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, ids in (("train", [i for i in problem_ids(rows) if i not in held]), ("test", sorted(held))):
+    for name, ids in (("train", train_ids), ("test", sorted(held))):
         path = out / f"{name}.jsonl"
         path.write_text("".join(json.dumps({"prompt": user_message(rows[i]), "answer": rows[i]["answer"], "id": i}) + "\n"
                                 for i in ids))
@@ -44,7 +57,8 @@ def write_data(out: Path) -> tuple[Path, Path, int, int]:
 def main(argv: list[str]) -> None:
     t0 = time.time()
     overrides = {**DEFAULTS, **dict(a.split("=", 1) for a in argv)}
-    train_path, test_path, n_train, n_test = write_data(Path(overrides["output_dir"]) / "data")
+    pool = overrides.pop("pool", "solved")
+    train_path, test_path, n_train, n_test = write_data(Path(overrides["output_dir"]) / "data", pool)
     cfg = build(RLConfig, overrides={**overrides, "data": str(train_path), "eval_data": str(test_path)})
     summary = rl.run(cfg)
     out = Path(cfg.output_dir)
@@ -57,7 +71,8 @@ def main(argv: list[str]) -> None:
         f"# GRPO (LoRA) on ASDiv with {cfg.model}",
         "",
         f"{summary['steps']} steps of {cfg.prompts_per_step} prompts x {cfg.num_generations} samples "
-        f"(temperature {cfg.temperature}, {cfg.max_new_tokens} new tokens) from {n_train} training problems; "
+        f"(temperature {cfg.temperature}, {cfg.max_new_tokens} new tokens) from {n_train} training problems "
+        f"(pool {pool}); "
         f"preset {cfg.preset}, lr {cfg.lr}, LoRA r {cfg.lora_r}, {cfg.precision}; {minutes:.1f} min in all "
         f"({gen:.1f} min generating rollouts).",
         "",

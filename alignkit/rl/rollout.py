@@ -218,7 +218,9 @@ class LocalEngine:
                     keep.append(j)
             if not keep:
                 break
-            if len(keep) < len(active) or step == 0:  # expand (step 0) and/or drop finished rows
+            if len(keep) < len(active) or step == 0:
+                # At step 0 the cache has one row per prompt: selecting rows [0]*n + [1]*n + ... repeats each
+                # prompt's keys/values for its samples (and leaves out samples that already ended) in one copy.
                 sel_A = torch.tensor(keep, device=device)
                 cache.batch_select_indices(cache_rows_A[sel_A])
                 active = [active[j] for j in keep]
@@ -244,10 +246,18 @@ class LocalEngine:
 
 
 def _forward(net, ids_BT, mask_BS, pos_BT, cache) -> torch.Tensor:
-    """Float32 next-token logits ``[B, V]`` at the last position; appends the inputs' keys/values to ``cache``."""
-    out = net(input_ids=ids_BT, attention_mask=mask_BS, position_ids=pos_BT, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
-    return out.logits[:, -1].float()
+    """Float32 next-token logits ``[B, V]`` at the last position; appends the inputs' keys/values to ``cache``.
+
+    Trunk, then the head on the last position only (softcapped as the model's config says), as the trainer's
+    :func:`alignkit.models.logprobs.project_logps` does. The head gets a contiguous 2-D input: on a strided 3-D
+    input with a frozen weight (``logits_to_keep`` after a prefill), torch's CPU matmul copies the whole weight.
+    """
+    base = unwrap(net)
+    h_BTD = base.get_decoder()(input_ids=ids_BT, attention_mask=mask_BS, position_ids=pos_BT, past_key_values=cache,
+                               use_cache=True).last_hidden_state
+    logits_BV = base.get_output_embeddings()(h_BTD[:, -1].contiguous()).float()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return torch.tanh(logits_BV / softcap) * softcap if softcap else logits_BV
 
 
 def _empty_bf16_copy(base):
