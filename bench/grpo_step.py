@@ -39,7 +39,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     data = tmp / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": user_message(r), "answer": r["answer"]}) + "\n" for r in rows))
-    print(f"| configuration | step (s) | generation (s) | other rollout work (s) | training (s) | sampler tokens/s |")
+    print("| configuration | step (s) | generation (s) | other rollout work (s) | training (s) | sampler tokens/s |")
     print("|---|---|---|---|---|---|")
     for name in args.configs.split(","):
         out = tmp / name.replace(" ", "_")

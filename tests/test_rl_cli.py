@@ -70,6 +70,20 @@ def test_preset_learns_the_toy(tmp_path, preset):
     assert (out / "final" / "config.json").exists()
 
 
+def test_ppo_shared_trunk_adaptive_kl_and_curriculum(tmp_path):
+    """The critic as a head on the policy's trunk, an adaptive KL coefficient, and the pass-rate curriculum."""
+    out = run(tmp_path, "ppo", "value_model=shared", "kl_target=0.01", "kl_horizon=10", "curriculum=true",
+              "curriculum_min_attempts=2", "success_threshold=0.2", "prompts_per_step=8", "num_generations=2",
+              "max_steps=12", "lr=1e-2")
+    h = [x for x in history(out) if "kl_coef" in x]
+    betas = [x["kl_coef"] for x in h]
+    # the first rollout's KL is 0 (policy == reference), below target: beta = 0.05 * (1 - 0.2 * 1/10)
+    assert betas[0] == pytest.approx(0.049) and len(set(betas)) == len(betas)
+    assert all("value/loss" in x for x in history(out))
+    assert any(x.get("curriculum/dropped_unsolved", 0) + x.get("curriculum/dropped_solved", 0) > 0 for x in h)
+    assert (out / "final" / "value_head.pt").exists()
+
+
 def test_online_dpo_learns_the_toy(tmp_path):
     out = run(tmp_path, "online-dpo", "prompts_per_step=16", "num_generations=4", "max_steps=20", "lr=1e-2",
               "eval_fraction=0.25")

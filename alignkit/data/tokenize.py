@@ -66,6 +66,14 @@ def _chat_split(tok, prompt: Text | None, completion: Text, origin=None) -> tupl
     return p_text, full[len(p_text) :]
 
 
+def prompt_ids(tok, prompt: Text) -> list[int]:
+    """Token ids of a prompt to generate from: a message list through the chat template with the generation
+    prompt, plain text as it is (with the tokenizer's special tokens), as :func:`render` renders prompts."""
+    if isinstance(prompt, list):
+        return _ids(tok, _chat_text(tok, prompt, True))
+    return _ids(tok, prompt, special=True)
+
+
 def render(tok, prompt: Text | None, completion: Text, origin=None) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` and of ``completion`` as a response to it."""
     if isinstance(prompt, list) or isinstance(completion, list):

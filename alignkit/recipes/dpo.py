@@ -66,7 +66,8 @@ class Reference:
             n_resp = tuple(range(len(rows[0].responses)))
             return response_logps(net, rows, n_resp, self.pad_id, self.chunk, self.shared)[0]
 
-    def fill(self, model, rows: list[Encoded], cache: Path | None = None, reuse: bool = False, desc: str = "reference") -> None:
+    def fill(self, model, rows: list[Encoded], cache: Path | None = None, reuse: bool = False, desc: str = "reference",
+             progress: bool = True) -> None:
         """Compute and keep reference log-probs on every row; with ``reuse``, read them from ``cache`` if it
         was written for the same rows (a resumed run must compare with the *initial* model)."""
         if self.mode == "live" or not rows:
@@ -85,7 +86,7 @@ class Reference:
         from tqdm.auto import tqdm
 
         batches = micro_batches(rows, self.batch_size, True)
-        for mb in tqdm(batches, desc=desc, unit="batch", disable=dist.rank() != 0, dynamic_ncols=True):
+        for mb in tqdm(batches, desc=desc, unit="batch", disable=not progress or dist.rank() != 0, dynamic_ncols=True):
             with autocast(self.precision):
                 refs = self._compute(model, mb)
             for row, ref in zip(mb, refs):

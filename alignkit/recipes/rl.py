@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from alignkit.config import RLConfig
+from alignkit.config import RLConfig, RolloutConfig
 from alignkit.data.formats import load_examples
-from alignkit.data.tokenize import _chat_text, _ids
+from alignkit.data.tokenize import prompt_ids
 from alignkit.errors import DataError
 from alignkit.models.loading import LoraSettings, load_model
 from alignkit.recipes.common import log_data, save_final, seed_everything, setup_logging, split_eval, write_config
@@ -44,17 +46,14 @@ def encode_prompts(examples, tok, max_prompt_length: int, path: str) -> list[Pro
     text as it is (TRL's conversational and standard formats). Over-long prompts keep their last tokens."""
     out = []
     for ex in examples:
-        if isinstance(ex.prompt, list):
-            ids = _ids(tok, _chat_text(tok, ex.prompt, True))
-        else:
-            ids = _ids(tok, ex.prompt, special=True)
+        ids = prompt_ids(tok, ex.prompt)
         if not ids:
             raise DataError("empty prompt", path=path, line=getattr(ex.origin, "line", None), field="prompt")
         out.append(Prompt(ids[-max_prompt_length:], ex.prompt, dict(ex.extra)))
     return out
 
 
-def load_prompts(cfg: RLConfig, tok) -> tuple[list[Prompt], list[Prompt]]:
+def load_prompts(cfg: RolloutConfig, tok) -> tuple[list[Prompt], list[Prompt]]:
     loaded = load_examples(cfg.data, "prompt", skip_invalid=cfg.skip_invalid)
     log_data(loaded)
     train_ex, held = split_eval(cfg, loaded.examples, "prompt")
@@ -88,57 +87,88 @@ def evaluator(engine, rewards, prompts: list[Prompt], policy, cfg):
     return evaluate
 
 
-def run(cfg: RLConfig) -> dict:
+@dataclass
+class Online:
+    """What every online method sets up: the policy, its prompts, the reward functions and the rollout engine."""
+
+    policy: object
+    tok: object
+    lora: LoraSettings | None
+    prompts: list[Prompt]
+    held: list[Prompt]
+    rewards: object
+    engine: LocalEngine
+    evaluate: object  # () -> dict, or None without held-out prompts
+
+
+def prepare_online(cfg: RolloutConfig) -> Online:
     dist.init()
     setup_logging()
     seed_everything(cfg.seed)
-    obj = cfg.objective()
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     policy, tok = load_model(cfg.model, lora=lora, seed=cfg.seed)
     prompts, held = load_prompts(cfg, tok)
-    out = write_config(cfg)
-
-    reference = None
-    if obj.uses_kl:
-        reference = "adapters" if lora else load_model(cfg.model, seed=cfg.seed)[0].eval().requires_grad_(False)
-    model = policy
-    if obj.needs_value_model:
-        critic = None if cfg.value_model == "shared" else load_model(cfg.model, lora=lora, seed=cfg.seed)[0]
-        model = ActorCritic(policy, ValueHead(policy.config.hidden_size), critic)
-
-    ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4),
-                        language=cfg.language, timeout=cfg.reward_timeout)
+    write_config(cfg)
+    ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
+                        overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4))
     rewards = build_reward_set(cfg.rewards, cfg.reward_weights, ctx)
     rewards.warm_up()
     engine = LocalEngine(policy, tok, precision=cfg.rollout_precision, max_batch=cfg.rollout_batch)
-    curriculum = Curriculum(len(prompts), min_attempts=cfg.curriculum_min_attempts,
-                            success_threshold=cfg.success_threshold) if cfg.curriculum else None
-    sampler = PromptSampler(len(prompts), cfg.seed, curriculum)
-    dynamic = DynamicSampler(cfg.max_sampling_rounds) if cfg.use_dynamic_sampling else None
-    collector = Collector(engine, rewards, prompts, sampler, cfg, dynamic=dynamic, curriculum=curriculum)
-
-    # max_steps counts optimizer steps, as everywhere; each rollout feeds ppo_epochs x mini_batches of them
-    updates = cfg.ppo_epochs * cfg.mini_batches
-    n_steps = cfg.max_steps if cfg.max_steps > 0 else updates * max(
-        1, math.ceil(cfg.epochs * len(prompts) / (cfg.prompts_per_step * dist.world())))
-    kl = KLController(obj.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    source = Rollouts(collector, obj, kl, cfg, tok.pad_token_id, n_steps, reference=reference)
-    task = PolicyTask(obj, kl, tok.pad_token_id, cfg.logits_chunk, vf_coef=cfg.vf_coef, value_clip=cfg.value_clip)
-    log.info("%s: %d prompts (%d held out), %d optimizer steps, %d per rollout; %s", cfg.preset, len(prompts),
-             len(held), n_steps, updates, obj)
-
     evaluate = evaluator(engine, rewards, held, policy, cfg) if held else None
-    summary: dict = {"preset": cfg.preset}
-    if evaluate is not None and not cfg.resume:
-        summary["eval_before"] = evaluate()
+    return Online(policy, tok, lora, prompts, held, rewards, engine, evaluate)
+
+
+def initial_model(cfg: RolloutConfig):
+    """The frozen initial weights (loaded again, so a resumed run still gets the initial model, not a copy)."""
+    return load_model(cfg.model, seed=cfg.seed)[0].eval().requires_grad_(False)
+
+
+def train_online(o: Online, task, model, source, cfg: RolloutConfig, method: str) -> dict:
+    """Held-out evaluation before, the training loop, ``final/``; the summary the CLI prints."""
+    summary: dict = {"method": method}
+    if o.evaluate is not None and not cfg.resume:
+        summary["eval_before"] = o.evaluate()
         log.info("held-out before training: %s", summary["eval_before"])
-    result = train(task, model, source, cfg, evaluate=evaluate)
+    result = train(task, model, source, cfg, evaluate=o.evaluate)
     last = result.history[-1] if result.history else {}
     summary.update({k: v for k, v in last.items() if isinstance(v, (int, float))})
     summary["steps"] = result.steps
-    if evaluate is not None:
+    if o.evaluate is not None:
         summary["eval_after"] = {k[5:]: v for k, v in last.items() if k.startswith("eval/")}
-    save_final(policy, tok, cfg, cfg.preset, {"steps": result.steps})
-    if isinstance(model, ActorCritic) and dist.rank() == 0:
-        torch.save(model.head.state_dict(), out / "final" / "value_head.pt")
+    save_final(o.policy, o.tok, cfg, method, {"steps": result.steps})
     return summary
+
+
+def run(cfg: RLConfig) -> dict:
+    o = prepare_online(cfg)
+    obj = cfg.objective()
+    reference = None
+    if obj.uses_kl:
+        reference = "adapters" if o.lora else initial_model(cfg)
+    model = o.policy
+    if obj.needs_value_model:
+        critic = None if cfg.value_model == "shared" else load_model(cfg.model, lora=o.lora, seed=cfg.seed)[0]
+        model = ActorCritic(o.policy, ValueHead(o.policy.config.hidden_size), critic)
+
+    curriculum = Curriculum(len(o.prompts), min_attempts=cfg.curriculum_min_attempts,
+                            success_threshold=cfg.success_threshold) if cfg.curriculum else None
+    dynamic = DynamicSampler(cfg.max_sampling_rounds) if cfg.use_dynamic_sampling else None
+    collector = Collector(o.engine, o.rewards, o.prompts, PromptSampler(len(o.prompts), cfg.seed, curriculum), cfg,
+                          dynamic=dynamic, curriculum=curriculum)
+    # max_steps counts optimizer steps, as everywhere; each rollout feeds ppo_epochs x mini_batches of them
+    updates = cfg.ppo_epochs * cfg.mini_batches
+    n_steps = cfg.max_steps if cfg.max_steps > 0 else updates * online_steps(cfg, len(o.prompts))
+    kl = KLController(obj.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    source = Rollouts(collector, obj, kl, cfg, o.tok.pad_token_id, n_steps, reference=reference)
+    task = PolicyTask(obj, kl, o.tok.pad_token_id, cfg.logits_chunk, vf_coef=cfg.vf_coef, value_clip=cfg.value_clip)
+    log.info("%s: %d prompts (%d held out), %d optimizer steps, %d per rollout; %s", cfg.preset, len(o.prompts),
+             len(o.held), n_steps, updates, obj)
+    summary = train_online(o, task, model, source, cfg, cfg.preset)
+    if isinstance(model, ActorCritic) and dist.rank() == 0:
+        torch.save(model.head.state_dict(), Path(cfg.output_dir) / "final" / "value_head.pt")
+    return summary
+
+
+def online_steps(cfg: RolloutConfig, n_prompts: int) -> int:
+    """Rollouts in ``epochs`` passes over the prompts."""
+    return max(1, math.ceil(cfg.epochs * n_prompts / (cfg.prompts_per_step * dist.world())))

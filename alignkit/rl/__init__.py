@@ -1,1 +1,3 @@
-"""Online RL parts: advantage estimators (rollout engines, reward functions and samplers to come)."""
+"""Online RL parts: the rollout engine (``rollout``), reward functions (``rewards``, ``verifiable``), dynamic
+sampling and the curriculum (``sampling``), advantage estimators (``advantages``), the objective and its presets
+(``objective``) and the rollout source and policy task the training loop runs (``trainer``)."""

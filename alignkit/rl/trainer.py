@@ -248,10 +248,11 @@ class Rollouts:
         if self.buffer_rollout != rollout:
             self._rollout(rollout, model)
         epoch, part = divmod(u, self.cfg.mini_batches)
-        order = torch.randperm(len(self.buffer), generator=torch.Generator().manual_seed(self.cfg.seed + 7919 * rollout + epoch))
-        if epoch == 0:
-            order = torch.arange(len(self.buffer))
-        mine = [self.buffer[i] for i in order.tolist()[part :: self.cfg.mini_batches]]
+        order = list(range(len(self.buffer)))
+        if epoch > 0:  # later passes see the groups in a new seeded order
+            g = torch.Generator().manual_seed(self.cfg.seed + 7919 * rollout + epoch)
+            order = torch.randperm(len(self.buffer), generator=g).tolist()
+        mine = [self.buffer[i] for i in order[part :: self.cfg.mini_batches]]
         for r in mine:
             r.extra["fresh"] = u == 0
         return mine
@@ -325,11 +326,10 @@ class Rollouts:
             kl_bt = unflatten(kl_n, segs, S)
         values = unflatten(torch.cat([r.extra["old_values"] for r in rows]), segs, S) if need_values else None
         adv, returns = compute_advantages(obj, scores, mask, group_size=G, kl_BT=kl_bt, values_BT=values)
-        flat = mask.bool() | (unflatten(torch.ones(segs.shape[0]), segs, S) > 0)
-        adv_n = adv[flat]
-        _split(rows, "adv", adv_n)
+        real = unflatten(torch.ones(segs.shape[0]), segs, S) > 0  # [S, T] -> flat order: completion by completion
+        _split(rows, "adv", adv[real])
         if returns is not None:
-            _split(rows, "returns", returns[flat])
+            _split(rows, "returns", returns[real])
         valid_adv = adv[mask.bool()]
         if valid_adv.numel():
             m.values("advantage", valid_adv.tolist())
@@ -398,8 +398,10 @@ class PolicyTask:
         loss, metrics = policy_objective(obj, logp, old, fw.bt(cat("adv")), mask, step_normaliser=normaliser,
                                          ref_logp_BT=ref)
         n_tok = float(mask.sum())
-        # E_{y~pi}[-log pi(y)] is the entropy: the sampled tokens' NLL estimates it without the full vocabulary
-        metrics["entropy"] = (float(-(fw.bt(cat("old") if "old" in rows[0].extra else fw.logp_N.detach()) * mask).sum()), n_tok)
+        # E_{y~pi}[-log pi(y)] is the entropy: the sampled tokens' NLL under the behaviour policy estimates it
+        # without the full vocabulary
+        behaviour = fw.bt(cat("old")) if "old" in rows[0].extra else logp.detach()
+        metrics["entropy"] = (float(-(behaviour * mask).sum()), n_tok)
         if critic:
             vl = value_loss(fw.bt(fw.values_N), fw.bt(cat("old_values")), fw.bt(cat("returns")), mask, eps_v=self.value_clip)
             v = get_aggregation(obj.aggregation).fn(vl.losses, mask, step_normaliser=normaliser,

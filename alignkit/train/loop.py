@@ -250,7 +250,7 @@ def train(
             elapsed = now - t0
             record.update(
                 step=step + 1, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), seconds=elapsed,
-                tokens_per_s=record.pop("tokens") / (now - t_update),
+                tokens_per_s=record.pop("tokens") / (now - t_update), **{"time/update": now - t_update},
             )
             periodic = cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0
             if evaluate is not None and (periodic or step + 1 == n_steps):
