@@ -239,8 +239,9 @@ def train(
                 n_tokens += sum(len(r.prompt) * len(r.responses) + sum(map(len, r.responses)) for r in mb)
             if world > 1:
                 for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce_sum(p.grad)
+                    if p.grad is None:  # this process had no rows (e.g. dynamic sampling kept none): add zeros
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce_sum(p.grad)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             optimizer.step()
             scheduler.step()
