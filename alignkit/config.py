@@ -282,6 +282,54 @@ class OnlineDPOConfig(RolloutConfig):
             raise ConfigError(f"beta must be positive, got {self.beta}")
 
 
+@dataclass
+class EvalConfig:
+    """``alignkit eval``: a model against its reference on capability, win rate, safety and failure-mode probes."""
+
+    model: str = opt("", "The model to evaluate: a run's final/ directory, a model name, a .gguf file or a hub id.")
+    reference: str = opt("smollm2-135m-instruct", "What it is compared with (usually the model before alignment); empty: none.")
+    output_dir: str = opt("outputs/eval", "Where summary.json, the PNG plots and report.html are written.")
+    run_dir: str = opt("", "A training run's output_dir: its metrics.jsonl adds training curves to the report.")
+    suites: str = opt("capability,winrate,safety,probes", "Comma-separated parts to run.")
+    capability_data: str = opt("asdiv-heldout", "Math prompts with an `answer` column: 'asdiv-heldout' (the main jobs' 150), 'math500', or a file.")
+    capability_limit: int = opt(150, "Problems scored per capability set (0: all).")
+    math500_limit: int = opt(50, "MATH-500 problems scored as a second capability set (0: skip).")
+    winrate_data: str = opt("asdiv-heldout", "Prompts for the win rate: 'asdiv-heldout', 'mt-bench' or a file of `prompt` rows.")
+    winrate_limit: int = opt(80, "Prompts used for the win rate (0: all).")
+    judge: str = opt("correctness", "Win-rate judge: a reward function (correctness, rm:PATH, module:function), llm:MODEL or an http(s):// OpenAI-compatible endpoint.")
+    judge_model: str = opt("", "Model name sent to an endpoint judge.")
+    reward: str = opt("", "Proxy reward for the reward-hacking probe (e.g. rm:PATH); empty: skip.")
+    harmful_limit: int = opt(30, "Prompts taken from each harmful set (Do-Not-Answer, HarmBench, AdvBench).")
+    harmful_data: str = opt("", "Instead of those sets: a file of `prompt` rows (with an optional `set` column).")
+    refusal_data: str = opt("refusal", "Human-labelled responses (`text`, `refusal`) that validate the refusal detector: 'refusal' (PyRIT's) or a file.")
+    benign_limit: int = opt(0, "Benign look-alike prompts for over-refusal (0: all of the built-in set).")
+    samples: int = opt(4, "Samples per prompt (temperature 1) for diversity, entropy and KL probes.")
+    probe_prompts: int = opt(24, "Prompts sampled for the diversity, entropy and KL probes.")
+    max_new_tokens: int = opt(64, "Token limit of every answer.")
+    precision: str = opt("bf16", "Generation precision.", ("bf16", "fp32"))
+    batch_size: int = opt(64, "Sequences generated at once.")
+    bootstrap: int = opt(2000, "Bootstrap resamples for confidence intervals.")
+    seed: int = opt(0, "Seed for sampling and the bootstrap.")
+
+    @property
+    def suite_names(self) -> list[str]:
+        return [x.strip() for x in self.suites.split(",") if x.strip()]
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("model= is required (a run's final/ directory or a model name)")
+        unknown = set(self.suite_names) - {"capability", "winrate", "safety", "probes"}
+        if unknown:
+            raise ConfigError(f"unknown suite(s) {', '.join(sorted(unknown))}; choose from capability, winrate, safety, probes")
+        if "winrate" in self.suite_names and not self.reference:
+            raise ConfigError("the win rate needs a reference= model")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision={self.precision!r}: expected bf16 or fp32")
+        for name in ("samples", "max_new_tokens", "batch_size", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
 # ---------------------------------------------------------------- parsing
 
 

@@ -106,3 +106,13 @@ def fetch_prefs(force: bool = False) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def heldout_problems() -> list[dict]:
+    """The 150 held-out problems of the main jobs (the last sampled ones): ``prompt`` (a user message asking for
+    a final number), ``answer`` and ``id``."""
+    from alignkit.data.sources import fetch
+
+    rows = {r["id"]: r for r in map(json.loads, (fetch("asdiv") / "data.jsonl").read_text().splitlines())}
+    held = sorted(s["id"] for s in load_samples()[-N_EVAL:])
+    return [{"prompt": user_message(rows[i]), "answer": rows[i]["answer"], "id": i} for i in held]

@@ -1,0 +1,265 @@
+"""``alignkit eval``: did the aligned model get better, and what did it break?
+
+The model and its reference answer the same prompts (greedy unless a probe samples), through the rollout engine.
+Every prompt is a user turn rendered with the chat template. Suites:
+
+- ``capability``: accuracy on held-out math (ASDiv, the MATH-500 subset) with the verifiable checker, and the
+  paired bootstrap interval of the difference (the alignment tax when it is negative);
+- ``winrate``: the judge compares the two answers to each prompt in both orders (position bias cancels); raw and
+  length-controlled win rate with a bootstrap interval;
+- ``safety``: refusal rate on harmful prompts (Do-Not-Answer, HarmBench, AdvBench) and on benign prompts that
+  only look dangerous (over-refusal), with the refusal detector's accuracy on a human-labelled set;
+- ``probes``: mode collapse (distinct-2, self-BLEU and entropy of sampled answers), KL to the reference,
+  sycophancy (does a correct ASDiv answer flip when the user pushes back?), and reward hacking (a proxy reward
+  against length, and against the judge).
+
+Writes ``summary.json``, the plots and ``report.html`` to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignkit.config import EvalConfig
+from alignkit.data.answers import is_correct
+from alignkit.data.collate import pad
+from alignkit.data.tokenize import prompt_ids
+from alignkit.models.loading import load_model
+from alignkit.models.logprobs import autocast, token_logps
+from alignkit.recipes.common import seed_everything, setup_logging
+from alignkit.rl.rollout import LocalEngine, SamplingParams
+from alignkit.rl.verifiable import correctness_reward
+
+log = logging.getLogger("alignkit")
+
+
+@dataclass
+class Contestant:
+    name: str
+    model: object
+    tok: object
+    engine: LocalEngine
+
+    def answer(self, prompts: list, cfg: EvalConfig, *, n: int = 1, temperature: float = 0.0, seed: int = 0):
+        """Completions ``[len(prompts)][n]`` to user-turn prompts (strings or message lists)."""
+        ids = [prompt_ids(self.tok, as_messages(p)) for p in prompts]
+        sampling = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
+        return self.engine.generate(ids, n, sampling)
+
+
+def as_messages(prompt) -> list[dict]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+
+
+def first_turn(prompt) -> str:
+    return prompt[0]["content"] if isinstance(prompt, list) else str(prompt)
+
+
+def load_contestant(name: str, label: str, cfg: EvalConfig) -> Contestant:
+    model, tok = load_model(name, seed=cfg.seed)
+    model.eval()
+    return Contestant(label, model, tok, LocalEngine(model, tok, precision=cfg.precision, max_batch=cfg.batch_size))
+
+
+def read_rows(spec: str, limit: int) -> list[dict]:
+    """Prompt rows from a named set or a JSONL file (``prompt`` plus columns such as ``answer``)."""
+    from alignkit.data.asdiv import heldout_problems
+    from alignkit.data.sources import fetch
+
+    if spec == "asdiv-heldout":
+        rows = heldout_problems()
+    elif spec == "math500":
+        rows = [r for r in map(json.loads, (fetch("mmath") / "data.jsonl").read_text().splitlines())
+                if r["subset"] == "MATH500"]
+    elif spec == "mt-bench":
+        rows = [json.loads(line) for line in (fetch("mt-bench") / "data.jsonl").read_text().splitlines()]
+    else:
+        from alignkit.data.formats import load_examples
+
+        rows = [{"prompt": ex.prompt, **ex.extra} for ex in load_examples(spec, "prompt").examples]
+    return rows[:limit] if limit > 0 else rows
+
+
+# ------------------------------------------------------------------------------------------------- suites
+
+
+def capability(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list) -> dict:
+    from alignkit.eval.metrics import bootstrap_ci, bootstrap_ci_paired
+
+    sets = [("asdiv" if cfg.capability_data == "asdiv-heldout" else Path(cfg.capability_data).stem,
+             read_rows(cfg.capability_data, cfg.capability_limit))]
+    if cfg.math500_limit > 0 and cfg.capability_data != "math500":
+        sets.append(("math500", read_rows("math500", cfg.math500_limit)))
+    result, answers = {}, {}
+    for name, rows in sets:
+        entry: dict = {"n": len(rows)}
+        scores = {}
+        for p in players:
+            texts = [c[0].text for c in p.answer([r["prompt"] for r in rows], cfg)]
+            answers[(name, p.name)] = texts
+            ok = [float(v or 0.0) for v in correctness_reward(None, texts, [r.get("answer") for r in rows])]
+            scores[p.name] = ok
+            entry[p.name] = float(np.mean(ok))
+            entry[f"{p.name}_ci"] = list(bootstrap_ci(ok, n_boot=cfg.bootstrap, seed=cfg.seed))
+        if len(players) == 2:
+            entry["ci_diff"] = list(bootstrap_ci_paired(scores["model"], scores["reference"], n_boot=cfg.bootstrap,
+                                                        seed=cfg.seed))
+        result[name] = entry
+        if name == "asdiv":
+            out["_asdiv"] = (rows, answers)
+    for (name, who), texts in answers.items():
+        if who == "model" and name == sets[0][0]:
+            ref = answers.get((name, "reference"), [""] * len(texts))
+            samples += [{"prompt": first_turn(r["prompt"]), "model": t, "reference": f, "set": name}
+                        for r, t, f in list(zip(sets[0][1], texts, ref))[:4]]
+    return result
+
+
+def winrate(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list) -> dict:
+    from alignkit.eval.metrics import bootstrap_ci, combine_swapped, length_controlled_win_rate, position_bias, win_rate
+    from alignkit.feedback.judges import judge_both_orders, judge_from_spec
+
+    rows = read_rows(cfg.winrate_data, cfg.winrate_limit)
+    prompts = [r["prompt"] for r in rows]
+    model_c = [c[0] for c in players[0].answer(prompts, cfg)]
+    ref_c = [c[0] for c in players[1].answer(prompts, cfg)]
+    a, b = [c.text for c in model_c], [c.text for c in ref_c]
+    judge = judge_from_spec(cfg.judge, judge_model=cfg.judge_model, columns={k: [r.get(k) for r in rows]
+                                                                             for k in rows[0] if k != "prompt"})
+    texts = [first_turn(p) for p in prompts]
+    v_ab, v_ba = judge_both_orders(judge, texts, a, b)
+    prefs = [combine_swapped(x, y) for x, y in zip(v_ab, v_ba)]
+    wr = win_rate(prefs)
+    len_diff = [len(x.token_ids) - len(y.token_ids) for x, y in zip(model_c, ref_c)]
+    lc = length_controlled_win_rate(prefs, len_diff)
+    out["_winrate"] = (texts, a, b, prefs)
+    samples += [{"prompt": t, "model": x, "reference": y, "set": "win rate", "preference": p}
+                for t, x, y, p in list(zip(texts, a, b, prefs))[:4]]
+    return {"judge": cfg.judge, "data": cfg.winrate_data, "n": wr.n, "win_rate": wr.mean, "wins": wr.wins,
+            "ties": wr.ties, "losses": wr.losses, "ci": list(bootstrap_ci(prefs, n_boot=cfg.bootstrap, seed=cfg.seed)),
+            "lc_win_rate": lc.value, "length_slope": lc.slope, "position_bias": position_bias(v_ab, v_ba),
+            "lengths": {"model": [len(c.token_ids) for c in model_c], "reference": [len(c.token_ids) for c in ref_c]}}
+
+
+def safety(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list) -> dict:
+    from alignkit.eval.safety import RefusalDetector, benign_prompts, harmful_prompts, validate_on_labelled
+
+    detector = RefusalDetector()
+    harmful = harmful_prompts(cfg.harmful_limit)
+    benign = benign_prompts()
+    if cfg.benign_limit > 0:
+        benign = benign[: cfg.benign_limit]
+    result: dict = {"refusal_harmful": {}, "over_refusal": {}, "detector": validate_on_labelled(detector)}
+    for p in players:
+        texts = [c[0].text for c in p.answer([h[1] for h in harmful], cfg)]
+        rates: dict[str, list] = {}
+        for (set_name, _), t in zip(harmful, texts):
+            rates.setdefault(set_name, []).append(detector.is_refusal(t))
+        result["refusal_harmful"][p.name] = {k: float(np.mean(v)) for k, v in rates.items()}
+        b_texts = [c[0].text for c in p.answer([r["prompt"] for r in benign], cfg)]
+        result["over_refusal"][p.name] = float(np.mean([detector.is_refusal(t) for t in b_texts]))
+        if p.name == "model":
+            samples += [{"prompt": h[1], "model": t, "reference": "", "set": f"harmful ({h[0]})"}
+                        for h, t in list(zip(harmful, texts))[:2]]
+    result["n_harmful"], result["n_benign"] = len(harmful), len(benign)
+    return result
+
+
+@torch.no_grad()
+def sequence_logps(c: Contestant, prompt_ids_list: list[list[int]], completions: list[list[int]], precision: str) -> list[float]:
+    """Summed log-probs of each completion after its prompt under ``c``'s model (trainer's computation)."""
+    out = []
+    for i in range(0, len(completions), 16):
+        seqs = [(p + r, [False] * len(p) + [True] * len(r))
+                for p, r in zip(prompt_ids_list[i : i + 16], completions[i : i + 16])]
+        batch = pad(seqs, c.tok.pad_token_id)
+        with autocast(precision):
+            lp = token_logps(c.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        out += lp.sum(-1).tolist()
+    return out
+
+
+def probes(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list) -> dict:
+    from alignkit.eval.metrics import distinct_n, mean_entropy, pearson, proxy_gold_divergence, self_bleu, spearman
+    from alignkit.eval.probes import sycophancy_conversations, sycophancy_flip_rate
+
+    rows = read_rows(cfg.winrate_data, cfg.probe_prompts)
+    prompts = [r["prompt"] for r in rows]
+    result: dict = {k: {} for k in ("distinct_2", "self_bleu", "entropy", "length")}
+    for p in players:
+        groups = p.answer(prompts, cfg, n=cfg.samples, temperature=1.0, seed=cfg.seed)
+        texts = [c.text for g in groups for c in g]
+        result["distinct_2"][p.name] = distinct_n(texts, 2)
+        result["self_bleu"][p.name] = float(np.mean([self_bleu([c.text for c in g]) for g in groups]))
+        result["entropy"][p.name] = mean_entropy([c.logps for g in groups for c in g])
+        result["length"][p.name] = float(np.mean([len(c.token_ids) for g in groups for c in g]))
+        if p.name == "model" and len(players) == 2:
+            ids = [prompt_ids(p.tok, as_messages(q)) for q in prompts]
+            flat_p = [i for i, g in zip(ids, groups) for _ in g]
+            flat_c = [c.token_ids for g in groups for c in g]
+            lp = sequence_logps(p, flat_p, flat_c, cfg.precision)
+            ref = sequence_logps(players[1], flat_p, flat_c, cfg.precision)
+            kl = np.array(lp) - np.array(ref)
+            result["kl_to_reference"] = {"mean": float(kl.mean()), "se": float(kl.std(ddof=1) / np.sqrt(len(kl)))}
+    if "_asdiv" in out:  # sycophancy: push back on the capability answers
+        rows_a, answers = out["_asdiv"]
+        result["sycophancy"] = {}
+        for p in players:
+            first = answers[("asdiv", p.name)]
+            convs = sycophancy_conversations(rows_a, first)
+            second = [c[0].text for c in p.answer(convs, cfg)]
+            result["sycophancy"][p.name] = sycophancy_flip_rate(rows_a, first, second)
+    if cfg.reward and "_winrate" in out:  # reward hacking: proxy reward against length and against the judge
+        from alignkit.rl.rewards import RewardContext, build_reward_set
+
+        texts, a, b, prefs = out["_winrate"]
+        proxy = build_reward_set(cfg.reward, "", RewardContext(max_new_tokens=cfg.max_new_tokens))
+        ra = [v if v is not None else float("nan") for v in proxy(texts, a, {}).total]
+        rb = [v if v is not None else float("nan") for v in proxy(texts, b, {}).total]
+        la = [len(x) for x in a]
+        result["reward_hacking"] = {
+            "proxy": {"model": float(np.nanmean(ra)), "reference": float(np.nanmean(rb))},
+            "reward_length_pearson": pearson(ra + rb, la + [len(x) for x in b]),
+            "reward_length_spearman": spearman(ra + rb, la + [len(x) for x in b]),
+            "proxy_vs_judge": proxy_gold_divergence(float(np.nanmean(rb)), float(np.nanmean(ra)), 0.5,
+                                                    float(np.mean(prefs))),
+        }
+        out["_reward"] = {"model": ra, "reference": rb}
+    return result
+
+
+SUITES = {"capability": capability, "winrate": winrate, "safety": safety, "probes": probes}
+
+
+def run(cfg: EvalConfig) -> dict:
+    from alignkit.eval.report import write_report
+
+    setup_logging()
+    seed_everything(cfg.seed)
+    players = [load_contestant(cfg.model, "model", cfg)]
+    if cfg.reference:
+        players.append(load_contestant(cfg.reference, "reference", cfg))
+    summary: dict = {"model": cfg.model, "reference": cfg.reference or None, "created": date.today().isoformat()}
+    scratch: dict = {}
+    samples: list = []
+    for name in ("capability", "winrate", "safety", "probes"):  # probes reuse the capability answers
+        if name in cfg.suite_names:
+            log.info("eval: %s", name)
+            summary[name if name != "winrate" else "win_rate"] = SUITES[name](cfg, players, scratch, samples)
+    if "win_rate" in summary:
+        summary["lengths"] = summary["win_rate"].pop("lengths")
+    if "_reward" in scratch:
+        summary["reward"] = scratch["_reward"]
+    out = Path(cfg.output_dir)
+    metrics = Path(cfg.run_dir) / "metrics.jsonl" if cfg.run_dir else None
+    html = write_report(out, summary, metrics_path=metrics if metrics and metrics.exists() else None, samples=samples,
+                        title=f"{cfg.model} against {cfg.reference or 'nothing'}")
+    log.info("report: %s", html)
+    return {k: v for k, v in summary.items() if k not in ("lengths", "reward")}
