@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from alignkit.config import EvalConfig
-from alignkit.data.answers import is_correct
 from alignkit.data.collate import pad
 from alignkit.data.tokenize import prompt_ids
 from alignkit.models.loading import load_model
