@@ -108,7 +108,8 @@ def capability(cfg: EvalConfig, players: list[Contestant], out: dict, samples: l
             entry[p.name] = float(np.mean(ok))
             entry[f"{p.name}_ci"] = list(bootstrap_ci(ok, n_boot=cfg.bootstrap, seed=cfg.seed))
         if len(players) == 2:
-            entry["ci_diff"] = list(bootstrap_ci_paired(scores["model"], scores["reference"], n_boot=cfg.bootstrap,
+            # model minus reference on the same problems: the alignment tax when negative
+            entry["ci_diff"] = list(bootstrap_ci_paired(scores["reference"], scores["model"], n_boot=cfg.bootstrap,
                                                         seed=cfg.seed))
         result[name] = entry
         if name == "asdiv":
@@ -122,7 +123,7 @@ def capability(cfg: EvalConfig, players: list[Contestant], out: dict, samples: l
 
 
 def winrate(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list) -> dict:
-    from alignkit.eval.metrics import bootstrap_ci, combine_swapped, length_controlled_win_rate, position_bias, win_rate
+    from alignkit.eval.metrics import bootstrap_ci, combine_swapped, lc_win_rate, position_bias, win_rate
     from alignkit.feedback.judges import judge_both_orders, judge_from_spec
 
     rows = read_rows(cfg.winrate_data, cfg.winrate_limit)
@@ -137,7 +138,7 @@ def winrate(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list
     prefs = [combine_swapped(x, y) for x, y in zip(v_ab, v_ba)]
     wr = win_rate(prefs)
     len_diff = [len(x.token_ids) - len(y.token_ids) for x, y in zip(model_c, ref_c)]
-    lc = length_controlled_win_rate(prefs, len_diff)
+    lc = lc_win_rate(prefs, len_diff)
     out["_winrate"] = (texts, a, b, prefs)
     samples += [{"prompt": t, "model": x, "reference": y, "set": "win rate", "preference": p}
                 for t, x, y, p in list(zip(texts, a, b, prefs))[:4]]
@@ -228,7 +229,7 @@ def probes(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list)
             "reward_length_pearson": pearson(ra + rb, la + [len(x) for x in b]),
             "reward_length_spearman": spearman(ra + rb, la + [len(x) for x in b]),
             "proxy_vs_judge": proxy_gold_divergence(float(np.nanmean(rb)), float(np.nanmean(ra)), 0.5,
-                                                    float(np.mean(prefs))),
+                                                    float(np.mean(prefs)))._asdict(),
         }
         out["_reward"] = {"model": ra, "reference": rb}
     return result
