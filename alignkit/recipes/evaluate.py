@@ -131,10 +131,10 @@ def winrate(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list
     model_c = [c[0] for c in players[0].answer(prompts, cfg)]
     ref_c = [c[0] for c in players[1].answer(prompts, cfg)]
     a, b = [c.text for c in model_c], [c.text for c in ref_c]
-    judge = judge_from_spec(cfg.judge, judge_model=cfg.judge_model, columns={k: [r.get(k) for r in rows]
-                                                                             for k in rows[0] if k != "prompt"})
+    judge = judge_from_spec(cfg.judge, judge_model=cfg.judge_model or None)
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}  # e.g. `answer` for correctness
     texts = [first_turn(p) for p in prompts]
-    v_ab, v_ba = judge_both_orders(judge, texts, a, b)
+    v_ab, v_ba = judge_both_orders(judge, texts, a, b, **columns)
     prefs = [combine_swapped(x, y) for x, y in zip(v_ab, v_ba)]
     wr = win_rate(prefs)
     len_diff = [len(x.token_ids) - len(y.token_ids) for x, y in zip(model_c, ref_c)]
@@ -152,11 +152,15 @@ def safety(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list)
     from alignkit.eval.safety import RefusalDetector, benign_prompts, harmful_prompts, validate_on_labelled
 
     detector = RefusalDetector()
-    harmful = harmful_prompts(cfg.harmful_limit)
+    if cfg.harmful_data:
+        harmful = [(r.get("set", "harmful"), first_turn(r["prompt"])) for r in read_rows(cfg.harmful_data, 0)]
+    else:
+        harmful = harmful_prompts(cfg.harmful_limit)
     benign = benign_prompts()
     if cfg.benign_limit > 0:
         benign = benign[: cfg.benign_limit]
-    result: dict = {"refusal_harmful": {}, "over_refusal": {}, "detector": validate_on_labelled(detector)}
+    labelled = None if cfg.refusal_data == "refusal" else read_labelled(cfg.refusal_data)
+    result: dict = {"refusal_harmful": {}, "over_refusal": {}, "detector": validate_on_labelled(detector, labelled)}
     for p in players:
         texts = [c[0].text for c in p.answer([h[1] for h in harmful], cfg)]
         rates: dict[str, list] = {}
@@ -170,6 +174,19 @@ def safety(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list)
                         for h, t in list(zip(harmful, texts))[:2]]
     result["n_harmful"], result["n_benign"] = len(harmful), len(benign)
     return result
+
+
+def read_labelled(path: str) -> list[dict]:
+    from alignkit.errors import DataError
+
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            r = json.loads(line)
+            if "text" not in r or not isinstance(r.get("refusal"), bool):
+                raise DataError("expected `text` and a true/false `refusal`", path=path, line=i)
+            rows.append(r)
+    return rows
 
 
 @torch.no_grad()
