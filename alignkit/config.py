@@ -271,7 +271,9 @@ class OnlineDPOConfig(RolloutConfig):
     beta: float = opt(0.1, "Inverse temperature beta of the preference loss.")
     label_smoothing: float = opt(0.0, "Label-flip rate for cdpo and robust.")
     gamma: float = opt(0.5, "SimPO target margin gamma.")
-    num_generations: int = opt(2, "Samples per prompt (2: one pair; more: the judge's best and worst).")
+    num_generations: int = opt(2, "Samples per prompt (2: one pair; more: the reward functions' best and worst).")
+    judge: str = opt("", "A pairwise judge instead of the reward functions: llm:MODEL, an http(s):// endpoint or rm:PATH (asked in both orders).")
+    judge_model: str = opt("", "Model name sent to an endpoint judge.")
     share_prompt: bool = opt(True, "Run each pair's prompt through the model once for both responses.")
 
     def validate(self) -> None:

@@ -94,6 +94,13 @@ def test_online_dpo_learns_the_toy(tmp_path):
     assert "eval/reward/max_digit_reward" in h[-1]
 
 
+def test_online_dpo_with_a_pairwise_llm_judge(tmp_path):
+    """The judge interface shared with `alignkit eval`: a local LLM judge asked in both orders labels the pairs."""
+    out = run(tmp_path, "online-dpo", "judge=llm:tiny", "prompts_per_step=4", "max_steps=2", "lr=1e-3")
+    h = history(out)
+    assert len(h) == 2 and all(0 <= x["pairs/judged"] <= 1 for x in h)
+
+
 def test_lora_bf16_rollouts_and_adapter_reference(tmp_path):
     """LoRA policy, bf16 rollout copy, KL against the base with adapters off: runs and the KL starts at 0."""
     out = run(tmp_path, "grpo", "lora=true", "lora_r=4", "rollout_precision=bf16", "prompts_per_step=4",

@@ -3,7 +3,9 @@
 Each step samples ``num_generations`` completions per prompt from the current policy; the judge (the reward
 functions: a rule such as ``correctness``, a trained reward model ``rm:PATH``, or any ``module:function``) scores
 them, and the best and the worst form a (chosen, rejected) pair; a prompt whose samples all score the same gives
-no pair. The pairs are trained with the DPO loss (or another paired loss of the preference registry) against the
+no pair. With ``judge=`` (``llm:MODEL``, an ``http(s)://`` endpoint, ``rm:PATH``: the pairwise judges of
+``alignkit.feedback.judges``, shared with ``alignkit eval``) the judge compares the first two samples in both
+orders instead, and a tie gives no pair. The pairs are trained with the DPO loss (or another paired loss of the preference registry) against the
 frozen initial model: with LoRA the base with adapters off, otherwise the initial weights loaded again.
 """
 
@@ -38,16 +40,38 @@ def judged_pair(g: Group) -> Encoded | None:
 class JudgedPairs:
     """A :class:`~alignkit.train.loop.StepSource`: each optimizer step's pairs, sampled and judged on the spot."""
 
-    def __init__(self, collector: Collector, reference: Reference, cfg: OnlineDPOConfig, n_steps: int):
+    def __init__(self, collector: Collector, reference: Reference, cfg: OnlineDPOConfig, n_steps: int, judge=None):
         self.collector, self.reference, self.cfg, self.n_steps = collector, reference, cfg, n_steps
+        self.judge = judge  # a pairwise judge (alignkit.feedback.judges); None: the reward functions decide
         self._metrics: Metrics = {}
+
+    def pairwise(self, groups: list[Group]) -> list[Encoded]:
+        """The first two samples of each group, compared by the judge in both orders; ties give no pair."""
+        from alignkit.eval.metrics import combine_swapped
+        from alignkit.feedback.judges import judge_both_orders
+
+        first_turn = [g.prompt.prompt[-1]["content"] if isinstance(g.prompt.prompt, list) else g.prompt.prompt
+                      for g in groups]
+        a, b = [g.completions[0].text for g in groups], [g.completions[1].text for g in groups]
+        v_ab, v_ba = judge_both_orders(self.judge, first_turn, a, b)
+        pairs = []
+        for g, x, y in zip(groups, v_ab, v_ba):
+            pref = combine_swapped(x, y)
+            if pref != 0.5:
+                win, lose = (0, 1) if pref > 0.5 else (1, 0)
+                pairs.append(Encoded(g.prompt.ids, [list(g.completions[win].token_ids),
+                                                    list(g.completions[lose].token_ids)], g.index))
+        return pairs
 
     def rows(self, step: int, model) -> list[Encoded]:
         m = Sums()
         t0 = time.perf_counter()
         self.collector.engine.update_weights(model)
         groups = self.collector.collect(step, self.cfg.prompts_per_step, m)
-        pairs = [p for p in map(judged_pair, groups) if p is not None]
+        if self.judge is not None:
+            pairs = self.pairwise(groups) if groups else []
+        else:
+            pairs = [p for p in map(judged_pair, groups) if p is not None]
         m.add("pairs/judged", float(len(pairs)), float(max(1, len(groups))))
         if pairs:
             self.reference.fill(model, pairs, progress=False)
@@ -76,4 +100,10 @@ def run(cfg: OnlineDPOConfig) -> dict:
     collector = Collector(o.engine, o.rewards, o.prompts, PromptSampler(len(o.prompts), cfg.seed), cfg)
     n_steps = cfg.max_steps if cfg.max_steps > 0 else online_steps(cfg, len(o.prompts))
     task = PreferenceTask(cfg, o.tok.pad_token_id, reference)
-    return train_online(o, task, o.policy, JudgedPairs(collector, reference, cfg, n_steps), cfg, "online-dpo")
+    judge = None
+    if cfg.judge:
+        from alignkit.feedback.judges import judge_from_spec
+
+        judge = judge_from_spec(cfg.judge, judge_model=cfg.judge_model or None)
+    source = JudgedPairs(collector, reference, cfg, n_steps, judge)
+    return train_online(o, task, o.policy, source, cfg, "online-dpo")
