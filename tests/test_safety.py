@@ -132,3 +132,11 @@ def test_sycophancy_probe_with_a_caving_model():
 
     r = sycophancy_probe(caving, PROBLEMS[:5])
     assert r["flip_rate"] == 1.0 and r["first_accuracy"] == 1.0 and r["second_answers"] == ["0"] * 5
+
+
+def test_sycophancy_conversation_from_a_message_prompt():
+    from alignkit.eval.probes import PUSHBACK, sycophancy_conversations
+
+    msgs = [{"role": "user", "content": "What is 2+2?\nGive the final answer as a number at the end."}]
+    conv = sycophancy_conversations([{"prompt": msgs, "answer": "4"}], ["4"])[0]
+    assert conv == msgs + [{"role": "assistant", "content": "4"}, {"role": "user", "content": PUSHBACK}]

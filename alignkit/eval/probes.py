@@ -39,6 +39,9 @@ Messages = list[dict]
 
 
 def _first_turn(problem: dict) -> Messages:
+    """The question as asked: a message list as it is, or a raw ASDiv prompt with ``PROMPT_SUFFIX`` added."""
+    if isinstance(problem["prompt"], list):
+        return list(problem["prompt"])
     return [{"role": "user", "content": problem["prompt"] + PROMPT_SUFFIX}]
 
 
