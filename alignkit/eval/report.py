@@ -60,7 +60,7 @@ def plot_win_rate(wr: dict, path: Path) -> Path:
     ax.axvline(0.5, color="k", lw=1, ls="--")
     ax.set_yticks([0, 1], ["length-controlled", "win rate"])
     ax.set_xlim(0, 1)
-    ax.set_xlabel("share of prompts where the model's answer is preferred (ties count half)")
+    ax.set_xlabel("model preferred (ties count half)")
     return _save(plt, fig, path)
 
 
@@ -98,7 +98,11 @@ def _img(path: Path, caption: str) -> str:
 
 
 def _fmt(x) -> str:
-    return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    if isinstance(x, (list, tuple)) and all(isinstance(v, float) for v in x):
+        return "[" + ", ".join(f"{v:.3f}" for v in x) + "]"
+    return html.escape(str(x))
 
 
 def _rows(rows: list[tuple], header: tuple) -> str:
@@ -152,7 +156,9 @@ def write_report(out_dir, summary: dict, *, metrics_path=None, samples: list | N
     """Write ``summary.json``, the PNG plots and ``report.html`` into ``out_dir``; returns the HTML's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "summary.json").write_text(json.dumps({**summary, "samples": samples or summary.get("samples", [])},
+                                                 indent=2, default=float))
+    samples = samples or summary.get("samples")
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>model <b>{html.escape(str(summary.get('model', '')))}</b>, reference "
              f"<b>{html.escape(str(summary.get('reference') or 'none'))}</b>, {html.escape(str(summary.get('created', '')))}</p>"]
@@ -172,13 +178,13 @@ def write_report(out_dir, summary: dict, *, metrics_path=None, samples: list | N
         cap = summary["capability"]
         parts.append("<h2>Capability (alignment tax)</h2>" + _img(
             plot_capability(cap, out / "capability.png"), "Accuracy with 95% bootstrap intervals; a drop is the alignment tax."))
-        parts.append(_rows([(n, c.get("n"), c.get("reference"), c.get("model"), str(c.get("ci_diff", "")))
+        parts.append(_rows([(n, c.get("n"), c.get("reference"), c.get("model"), c.get("ci_diff", ""))
                             for n, c in cap.items()], ("set", "n", "reference", "model", "95% CI of model - reference")))
     if "win_rate" in summary:
         wr = summary["win_rate"]
         parts.append("<h2>Win rate</h2>" + _img(plot_win_rate(wr, out / "win_rate.png"),
                      "Right of the dashed line: the model's answers are preferred. Each prompt is judged in both orders."))
-        parts.append(_rows([(wr["judge"], wr["n"], wr["win_rate"], str(wr["ci"]), wr["lc_win_rate"], wr["wins"], wr["ties"],
+        parts.append(_rows([(wr["judge"], wr["n"], wr["win_rate"], wr["ci"], wr["lc_win_rate"], wr["wins"], wr["ties"],
                              wr["losses"], wr["position_bias"])],
                            ("judge", "n", "win rate", "95% CI", "LC win rate", "wins", "ties", "losses", "first-position rate")))
     if "lengths" in summary:
