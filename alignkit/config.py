@@ -296,6 +296,9 @@ class EvalConfig:
     capability_data: str = opt("asdiv-heldout", "Math prompts with an `answer` column: 'asdiv-heldout' (the main jobs' 150), 'math500', or a file.")
     capability_limit: int = opt(150, "Problems scored per capability set (0: all).")
     math500_limit: int = opt(50, "MATH-500 problems scored as a second capability set (0: skip).")
+    ifbench_data: str = opt("ifbench", "Instruction-following prompts with rule checks: 'ifbench' or a file of rows in its format (prompt, instruction_id_list, kwargs).")
+    ifbench_limit: int = opt(60, "IFBench prompts scored (a fixed seeded sample; 0: skip).")
+    ifbench_max_new_tokens: int = opt(256, "Token limit of an IFBench answer (its constraints need room).")
     winrate_data: str = opt("asdiv-heldout", "Prompts for the win rate: 'asdiv-heldout', 'mt-bench' or a file of `prompt` rows.")
     winrate_limit: int = opt(80, "Prompts used for the win rate (0: all).")
     judge: str = opt("correctness", "Win-rate judge: a reward function (correctness, rm:PATH, module:function), llm:MODEL or an http(s):// OpenAI-compatible endpoint.")
@@ -327,7 +330,7 @@ class EvalConfig:
             raise ConfigError("the win rate needs a reference= model")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision={self.precision!r}: expected bf16 or fp32")
-        for name in ("samples", "max_new_tokens", "batch_size", "bootstrap"):
+        for name in ("samples", "max_new_tokens", "ifbench_max_new_tokens", "batch_size", "bootstrap"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 

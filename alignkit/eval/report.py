@@ -43,7 +43,8 @@ def plot_capability(cap: dict, path: Path) -> Path:
         vals = [cap[n].get(who) for n in names]
         if any(v is None for v in vals):
             continue
-        err = np.array([[v - cap[n][f"{who}_ci"][0], cap[n][f"{who}_ci"][1] - v] for n, v in zip(names, vals)]).T
+        cis = [cap[n].get(f"{who}_ci", [v, v]) for n, v in zip(names, vals)]  # no interval when nothing was counted
+        err = np.array([[v - lo, hi - v] for v, (lo, hi) in zip(vals, cis)]).T
         ax.bar(np.arange(len(names)) + 0.38 * (k - 0.5), vals, 0.36, yerr=err, capsize=4, label=who, color=COLOURS[who])
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("accuracy")

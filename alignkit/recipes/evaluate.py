@@ -3,8 +3,9 @@
 The model and its reference answer the same prompts (greedy unless a probe samples), through the rollout engine.
 Every prompt is a user turn rendered with the chat template. Suites:
 
-- ``capability``: accuracy on held-out math (ASDiv, the MATH-500 subset) with the verifiable checker, and the
-  paired bootstrap interval of the difference (the alignment tax when it is negative);
+- ``capability``: accuracy on held-out math (ASDiv, the MATH-500 subset) with the verifiable checker, and strict
+  IFBench instruction following where a rule checker exists (:mod:`alignkit.eval.ifbench`), each with the paired
+  bootstrap interval of the difference (the alignment tax when it is negative);
 - ``winrate``: the judge compares the two answers to each prompt in both orders (position bias cancels); raw and
   length-controlled win rate with a bootstrap interval;
 - ``safety``: refusal rate on harmful prompts (Do-Not-Answer, HarmBench, AdvBench) and on benign prompts that
@@ -46,10 +47,11 @@ class Contestant:
     tok: object
     engine: LocalEngine
 
-    def answer(self, prompts: list, cfg: EvalConfig, *, n: int = 1, temperature: float = 0.0, seed: int = 0):
+    def answer(self, prompts: list, cfg: EvalConfig, *, n: int = 1, temperature: float = 0.0, seed: int = 0,
+               max_new_tokens: int | None = None):
         """Completions ``[len(prompts)][n]`` to user-turn prompts (strings or message lists)."""
         ids = [prompt_ids(self.tok, as_messages(p)) for p in prompts]
-        sampling = SamplingParams(temperature=temperature, max_new_tokens=cfg.max_new_tokens, seed=seed)
+        sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens or cfg.max_new_tokens, seed=seed)
         return self.engine.generate(ids, n, sampling)
 
 
@@ -77,8 +79,8 @@ def read_rows(spec: str, limit: int) -> list[dict]:
     elif spec == "math500":
         rows = [r for r in map(json.loads, (fetch("mmath") / "data.jsonl").read_text().splitlines())
                 if r["subset"] == "MATH500"]
-    elif spec == "mt-bench":
-        rows = [json.loads(line) for line in (fetch("mt-bench") / "data.jsonl").read_text().splitlines()]
+    elif spec in ("mt-bench", "ifbench"):
+        rows = [json.loads(line) for line in (fetch(spec) / "data.jsonl").read_text().splitlines()]
     else:
         from alignkit.data.formats import load_examples
 
@@ -114,12 +116,41 @@ def capability(cfg: EvalConfig, players: list[Contestant], out: dict, samples: l
         result[name] = entry
         if name == "asdiv":
             out["_asdiv"] = (rows, answers)
+    if cfg.ifbench_limit > 0:
+        result["ifbench"] = instruction_following(cfg, players)
     for (name, who), texts in answers.items():
         if who == "model" and name == sets[0][0]:
             ref = answers.get((name, "reference"), [""] * len(texts))
             samples += [{"prompt": first_turn(r["prompt"]), "model": t, "reference": f, "set": name}
                         for r, t, f in list(zip(sets[0][1], texts, ref))[:4]]
     return result
+
+
+def instruction_following(cfg: EvalConfig, players: list[Contestant]) -> dict:
+    """Strict IFBench accuracy on a fixed seeded sample of prompts; prompts with an unchecked constraint are
+    answered but not counted at the prompt level (``coverage`` says how much was checked)."""
+    import random
+
+    from alignkit.eval.ifbench import score
+    from alignkit.eval.metrics import bootstrap_ci, bootstrap_ci_paired
+
+    rows = read_rows(cfg.ifbench_data, 0)
+    rows = random.Random(cfg.seed).sample(rows, min(cfg.ifbench_limit, len(rows)))
+    entry: dict = {}
+    counted = {}
+    for p in players:
+        answers = p.answer([r["prompt"] for r in rows], cfg, max_new_tokens=cfg.ifbench_max_new_tokens)
+        s = score(rows, [c[0].text for c in answers])
+        counted[p.name] = [x for x in s["per_prompt"] if x is not None]  # the same rows for every player
+        entry.update({"n": s["n_prompts"], "n_instructions": s["n_instructions"], "coverage": s["coverage"],
+                      "unchecked": s["unchecked"], p.name: s["prompt_accuracy"],
+                      f"{p.name}_instruction_accuracy": s["instruction_accuracy"]})
+        if counted[p.name]:
+            entry[f"{p.name}_ci"] = list(bootstrap_ci(counted[p.name], n_boot=cfg.bootstrap, seed=cfg.seed))
+    if len(players) == 2 and entry["n"]:
+        entry["ci_diff"] = list(bootstrap_ci_paired(counted["reference"], counted["model"], n_boot=cfg.bootstrap,
+                                                    seed=cfg.seed))
+    return entry
 
 
 def winrate(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list) -> dict:
