@@ -54,6 +54,7 @@ class TrainConfig:
     truncation: str = opt("truncate", "Over-long rows: keep the prompt's end and the response's start, or drop them.", ("truncate", "drop"))
     skip_invalid: bool = opt(False, "Skip bad rows (and report how many) instead of stopping.")
     group_by_length: bool = opt(True, "Sort each step's rows by length before splitting into micro-batches (less padding).")
+    gradient_checkpointing: bool = opt(False, "Recompute each layer's activations in the backward pass: less memory, about a third more compute.")
     logits_chunk: int = opt(1024, "Response positions projected to the vocabulary at a time.")
     log_every: int = opt(1, "Print a metrics line every N steps (metrics.jsonl gets every step).")
     eval_steps: int = opt(0, "Evaluate every N steps (0: only at the end).")

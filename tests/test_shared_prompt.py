@@ -42,3 +42,25 @@ def test_rejected_cannot_see_chosen():
         lp_b, _ = shared_prompt_logps(model, collate_shared([b], 0))
     assert lp_a[1] == pytest.approx(lp_b[1].item(), abs=1e-6)
     assert abs(lp_a[0].item() - lp_b[0].item()) > 1e-3
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(lora):
+    """Recomputing the layers in the backward pass changes memory, not values (shared-prompt path, 4-D mask)."""
+    from alignkit.models.loading import LoraSettings, load_model
+
+    settings = LoraSettings(4, 8, 0.0, "all-linear") if lora else None
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the LoRA A matrices are drawn from the global generator
+        model, _ = load_model("tiny", seed=3, lora=settings, gradient_checkpointing=checkpointing)
+        model.train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            lp, _ = shared_prompt_logps(model, collate_shared(_rows(), 0), chunk=4)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((lp.detach(), torch.autograd.grad(lp.sum(), params), sum(saved)))
+    (lp_a, grads_a, saved_a), (lp_b, grads_b, saved_b) = results
+    assert saved_b < saved_a / 2  # it is on: most activations are not kept
+    assert torch.allclose(lp_a, lp_b, atol=1e-6)
+    assert len(grads_a) == len(grads_b) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))

@@ -62,11 +62,13 @@ def load_model(
     lora: LoraSettings | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    gradient_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer; with ``lora`` the model is wrapped in a peft LoRA adapter.
 
     Weights are kept in ``dtype`` (float32 by default: bf16 compute comes from autocast, so optimizer
-    state and master weights stay exact).
+    state and master weights stay exact). ``gradient_checkpointing`` keeps only each decoder layer's input in
+    training and recomputes the layer in the backward pass (non-reentrant, so frozen inputs under LoRA work).
     """
     if name == "tiny":
         model = tiny_model(seed=seed)
@@ -80,6 +82,11 @@ def load_model(
         tok = load_tokenizer(name)
     model.to(dtype)
     model.config.use_cache = False
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
         model = add_lora(model, lora)
     return model, tok

@@ -84,7 +84,7 @@ def prepare(cfg: TrainConfig, kind: str) -> Prepared:
     log_data(loaded)
     examples, held = split_eval(cfg, loaded.examples, kind)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
-    model, tok = load_model(cfg.model, lora=lora, seed=cfg.seed)
+    model, tok = load_model(cfg.model, lora=lora, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
     enc_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None, truncation=cfg.truncation)
     train, ev = encode_all(examples, tok, **enc_args), encode_all(held, tok, **enc_args)
     if train.n_truncated or train.n_dropped:

@@ -106,7 +106,7 @@ def prepare_online(cfg: RolloutConfig) -> Online:
     setup_logging()
     seed_everything(cfg.seed)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
-    policy, tok = load_model(cfg.model, lora=lora, seed=cfg.seed)
+    policy, tok = load_model(cfg.model, lora=lora, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
     prompts, held = load_prompts(cfg, tok)
     write_config(cfg)
     ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
