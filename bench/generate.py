@@ -34,7 +34,7 @@ QUESTIONS = [  # ASDiv-style problems (written for this benchmark)
     "A farmer had 90 eggs and sold 2 dozen of them. How many eggs does he have now?",
     "Lily has 4 bags with 9 marbles in each bag. She loses 6 marbles. How many marbles does she have?",
 ]
-WORKLOADS = [("1 prompt x 1", 1, 1), ("8 prompts x 1", 8, 1), ("2 prompts x 4", 2, 4)]
+WORKLOADS = [("1 prompt x 1", 1, 1), ("8 prompts x 1", 8, 1), ("2 prompts x 4", 2, 4), ("32 prompts x 1", 32, 1)]
 
 
 def run_engine(engine, prompts, n, new_tokens, seed) -> int:
@@ -79,7 +79,7 @@ def main() -> None:
         for label, n_prompts, n in WORKLOADS:
             for name, fn in methods.items():
                 t0 = time.perf_counter()
-                count = fn(prompts[:n_prompts], n, rep)
+                count = fn((prompts * 4)[:n_prompts], n, rep)  # 32 prompts: the 8 questions four times
                 elapsed = time.perf_counter() - t0
                 assert tokens.setdefault(label, count) == count == n_prompts * n * args.new_tokens, (name, count)
                 if rep > 0:
