@@ -145,10 +145,21 @@ def trl_worker(a: dict) -> dict:
         return out
 
     trainer.compute_loss = recorded
+    generation: list[float] = []
+    if a["kind"] == "grpo":  # sampling time: TRL's one generation call per step (steps_per_generation = 1)
+        generate = trainer._generate
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = generate(*args, **kwargs)
+            generation.append(time.perf_counter() - t0)
+            return out
+
+        trainer._generate = timed
     trainer.add_callback(Clock())
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return {"step_s": [b - e for e, b in zip(ends, ends[1:])], "losses": losses, "completion_len": lengths,
+    return {"step_s": [b - e for e, b in zip(ends, ends[1:])], "losses": losses, "completion_len": lengths, "gen_s": generation,
             "threads": sorted(threads), "tokens": sequence_tokens(a["kind"], ids), "peak_rss_mib": peak_rss_mib(),
             "ids": ids if a.get("return_ids") else None}
 
@@ -212,7 +223,8 @@ def alignkit_grpo(a: dict) -> dict:
     run(cfg)
     history = [json.loads(line) for line in (Path(a["out"]) / "metrics.jsonl").read_text().splitlines()]
     return {"step_s": [h["seconds"] for h in history], "losses": [h.get("loss", 0.0) for h in history],
-            "completion_len": [h["completion/length/mean"] for h in history], "peak_rss_mib": peak_rss_mib()}
+            "completion_len": [h["completion/length/mean"] for h in history],
+            "gen_s": [h["time/generate"] for h in history], "peak_rss_mib": peak_rss_mib()}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -268,13 +280,15 @@ def grpo_table(results: dict[str, list[dict]], reference: str) -> None:
         return statistics.median(statistics.median(r[key][1:]) for r in results[label])
 
     ref = med(reference, "step_s") / med(reference, "completion_len")
-    print("\n| run | step (s) | mean completion length | step per completion token | vs " + reference + " | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| run | step (s) | generation (s) | the rest (s) | mean completion length | step per completion token "
+          "| vs " + reference + " | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, rs in results.items():
-        per_token = med(label, "step_s") / med(label, "completion_len")
+        step, gen = med(label, "step_s"), med(label, "gen_s")
+        per_token = step / med(label, "completion_len")
         rss = statistics.median(r["peak_rss_mib"] for r in rs)
-        print(f"| {label} | {med(label, 'step_s'):.2f} | {med(label, 'completion_len'):.1f} | {per_token:.3f} s | "
-              f"{ref / per_token:.2f}x | {rss:.0f} |")
+        print(f"| {label} | {step:.2f} | {gen:.2f} | {step - gen:.2f} | {med(label, 'completion_len'):.1f} | "
+              f"{per_token:.3f} s | {ref / per_token:.2f}x | {rss:.0f} |")
 
 
 def matmul_peak(precision: str, threads: int, n: int = 2048, repeats: int = 10) -> float:
