@@ -63,3 +63,22 @@ def test_report_command_for_a_training_run(tmp_path):
     html = run / "report" / "report.html"
     assert html.exists() and "data:image/png;base64," in html.read_text()
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_greedy_answers_are_generated_once_per_prompt(monkeypatch):
+    """A prompt answered greedily by one suite is not generated again by another; sampling always generates."""
+    from alignkit.config import EvalConfig
+    from alignkit.recipes.evaluate import load_contestant
+
+    cfg = EvalConfig(model="tiny", max_new_tokens=3, precision="fp32")
+    player = load_contestant("tiny", "model", cfg)
+    asked = []
+    generate = player.engine.generate
+    monkeypatch.setattr(player.engine, "generate", lambda ids, n, s: asked.append(len(ids)) or generate(ids, n, s))
+    first = player.answer(["a", "b", "c"], cfg)
+    again = player.answer(["c", "d", "a", "d"], cfg)
+    assert asked == [3, 1]  # only "d" was new, once although asked twice
+    assert again[0][0] is first[2][0] and again[2][0] is first[0][0] and again[1][0] is again[3][0]
+    player.answer(["a"], cfg, max_new_tokens=5)  # another token limit is another answer
+    player.answer(["a"], cfg, n=2, temperature=1.0)
+    assert asked == [3, 1, 1, 1]

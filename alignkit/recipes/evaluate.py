@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -46,13 +46,24 @@ class Contestant:
     model: object
     tok: object
     engine: LocalEngine
+    greedy: dict = field(default_factory=dict)  # (prompt ids, token limit) -> greedy completion, shared by suites
 
     def answer(self, prompts: list, cfg: EvalConfig, *, n: int = 1, temperature: float = 0.0, seed: int = 0,
                max_new_tokens: int | None = None):
-        """Completions ``[len(prompts)][n]`` to user-turn prompts (strings or message lists)."""
+        """Completions ``[len(prompts)][n]`` to user-turn prompts (strings or message lists).
+
+        Greedy answers are kept: a prompt that another suite already answered with the same token limit (the
+        win rate on the capability set's problems) is not generated again.
+        """
         ids = [prompt_ids(self.tok, as_messages(p)) for p in prompts]
         sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens or cfg.max_new_tokens, seed=seed)
-        return self.engine.generate(ids, n, sampling)
+        if temperature > 0 or n != 1:
+            return self.engine.generate(ids, n, sampling)
+        keys = [(tuple(x), sampling.max_new_tokens) for x in ids]
+        todo = list({k: None for k in keys if k not in self.greedy})
+        for k, done in zip(todo, self.engine.generate([list(k[0]) for k in todo], 1, sampling) if todo else []):
+            self.greedy[k] = done
+        return [self.greedy[k] for k in keys]
 
 
 def as_messages(prompt) -> list[dict]:
