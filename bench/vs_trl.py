@@ -91,7 +91,7 @@ def trl_worker(a: dict) -> dict:
     common = dict(
         output_dir=a["out"], per_device_train_batch_size=len(rows), max_steps=a["steps"], learning_rate=a["lr"],
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=True, seed=0, bf16=a["precision"] == "bf16",
+        report_to="none", save_strategy="no", use_cpu=True, seed=a.get("seed", 0), bf16=a["precision"] == "bf16",
         gradient_checkpointing=a["gradient_checkpointing"], dataloader_num_workers=0, max_length=1024,
     )
     peft_config = None
@@ -181,6 +181,7 @@ def alignkit_worker(a: dict) -> dict:
         data=str(data), output_dir=a["out"], batch_size=len(rows), max_steps=a["steps"], lr=a["lr"],
         scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, precision=a["precision"],
         lora=a["lora"], progress=False, save_merged=False, gradient_checkpointing=a["gradient_checkpointing"],
+        seed=a.get("seed", 0),
     )
     if a["kind"] == "dpo":
         from alignkit.recipes.dpo import run
@@ -307,7 +308,10 @@ def matmul_peak(precision: str, threads: int, n: int = 2048, repeats: int = 10) 
     return 2 * n**3 / best / 1e9
 
 
-def table(kind: str, results: dict[str, list[dict]], tokens: int, reference: str, peak: float, n_params: int) -> None:
+def table(kind: str, results: dict[str, list[dict]], tokens: int, reference: str, peak: float, n_params: int,
+          show_mfu: bool) -> None:
+    """The medians as a markdown table. MFU only where ``6 x parameters x tokens`` is the work both tools do
+    (full-fine-tune SFT): LoRA computes no weight gradients, and alignkit's DPO skips work TRL's count includes."""
     def med(label: str, key: str) -> float:
         if key == "step_s":
             return statistics.median(statistics.median(r["step_s"][1:]) for r in results[label])
@@ -315,15 +319,15 @@ def table(kind: str, results: dict[str, list[dict]], tokens: int, reference: str
 
     ref_tps, ref_rss = tokens / med(reference, "step_s"), med(reference, "peak_rss_mib")
     print(f"\n{kind.upper()} step, {tokens} tokens a step\n")
-    print(f"Model FLOP utilisation: 6 x {n_params / 1e6:.1f}M parameters x tokens / step time, over the {peak:.0f} "
-          "GFLOP/s matmul peak measured before the runs\n")
-    print(f"| run | step (s) | tokens/s | vs {reference} | peak RSS (MiB) | RSS vs {reference} | MFU |")
-    print("|---|---|---|---|---|---|---|")
+    if show_mfu:
+        print(f"Model FLOP utilisation: 6 x {n_params / 1e6:.1f}M parameters x tokens / step time, over the {peak:.0f} "
+              "GFLOP/s matmul peak measured before the runs\n")
+    print(f"| run | step (s) | tokens/s | vs {reference} | peak RSS (MiB) | RSS vs {reference} |" + (" MFU |" if show_mfu else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if show_mfu else ""))
     for label in results:
         tps, rss = tokens / med(label, "step_s"), med(label, "peak_rss_mib")
-        mfu = 6 * n_params * tps / 1e9 / peak
-        print(f"| {label} | {med(label, 'step_s'):.2f} | {tps:.0f} | {tps / ref_tps:.2f}x | {rss:.0f} | "
-              f"{rss / ref_rss:.2f}x | {mfu:.0%} |")
+        mfu = f" {6 * n_params * tps / 1e9 / peak:.0%} |" if show_mfu else ""
+        print(f"| {label} | {med(label, 'step_s'):.2f} | {tps:.0f} | {tps / ref_tps:.2f}x | {rss:.0f} | {rss / ref_rss:.2f}x |{mfu}")
 
 
 def main() -> None:
@@ -377,7 +381,7 @@ def main() -> None:
     first = results[variants[0][0]][0]
     print(f"\n{args.kind}, {args.precision}, {'LoRA r16' if args.lora else 'full fine-tune'}, {args.rows} rows, "
           f"median of {args.repeats} processes x steps 2-{args.steps}, {args.threads} threads")
-    table(args.kind, results, first["tokens"], variants[1][0], peak, SMOLLM2_PARAMS)
+    table(args.kind, results, first["tokens"], variants[1][0], peak, SMOLLM2_PARAMS, args.kind == "sft" and not args.lora)
 
 
 def check(base: dict) -> None:
