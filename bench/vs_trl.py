@@ -340,6 +340,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the LoRA initialisation (and data order)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.kind == "peak":
@@ -359,9 +360,10 @@ def main() -> None:
     if args.kind is None:
         ap.error("choose sft, dpo or check")
     base = dict(model=model_dir(), data=data_file(), rows=args.rows, steps=args.steps, threads=args.threads,
-                precision=args.precision, lora=args.lora, lr=1e-5, gradient_checkpointing=False, packing=False)
+                precision=args.precision, lora=args.lora, lr=1e-5, gradient_checkpointing=False, packing=False,
+                seed=args.seed)
     if args.kind == "check":
-        check(base)
+        check(dict(base, precision=args.precision if "--precision" in sys.argv else "fp32"))
         return
     if args.kind == "grpo":
         base.update(prompts_file=grpo_prompts(), prompts=4, generations=4, new_tokens=64, lr=1e-6)
@@ -385,8 +387,9 @@ def main() -> None:
 
 
 def check(base: dict) -> None:
-    """fp32, no checkpointing, no packing: the losses of steps 1 and 2 (after one identical AdamW update)."""
-    base = dict(base, precision="fp32", steps=2, return_ids=True)
+    """No checkpointing, no packing: the token ids and the losses of steps 1 and 2 (after one AdamW update), in
+    ``--precision`` (fp32 unless given) and with ``--lora`` if given."""
+    base = dict(base, steps=2, return_ids=True)
     for kind in ("sft", "dpo"):
         t, k = spawn("trl", dict(base, kind=kind)), spawn("alignkit", dict(base, kind=kind))
         diffs = [abs(x - y) for x, y in zip(t["losses"], k["losses"])]

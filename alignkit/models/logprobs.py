@@ -30,12 +30,7 @@ def hidden_states(model, input_ids_BT, attention_mask, position_ids_BT=None) -> 
 
 
 def _token_logps(head, softcap, h_ND, target_N):
-    # The head runs in the weights' precision (fp32) even under bf16 autocast. DPO's and RL's log-ratios are
-    # differences of nearly equal log-probs; bf16 logits (8 mantissa bits, steps of 0.06 at 16) round a small
-    # policy change away, e.g. a LoRA update after one step (bench/vs_trl.py: bf16 DPO-LoRA's second loss moved
-    # by 0.003 instead of the 0.013 of fp32).
-    with torch.autocast(h_ND.device.type, enabled=False):
-        logits = head(h_ND.to(head.weight.dtype)).float()
+    logits = head(h_ND).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.gather(-1, target_N[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
