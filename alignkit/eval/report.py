@@ -139,10 +139,9 @@ def _headline(summary: dict) -> list[tuple]:
                             ("entropy", "entropy (nats/token)", True)):
         if key in p:
             add(label, p[key].get("reference"), p[key].get("model"), hib)
-    for who in ("model",):
-        syc = p.get("sycophancy", {})
-        if who in syc and "reference" in syc:
-            add("sycophancy flip rate", syc["reference"]["flip_rate"], syc[who]["flip_rate"], False)
+    syc = p.get("sycophancy", {})
+    if "model" in syc and "reference" in syc:
+        add("sycophancy flip rate", syc["reference"]["flip_rate"], syc["model"]["flip_rate"], False)
     return out
 
 

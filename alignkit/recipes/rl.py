@@ -147,7 +147,8 @@ def run(cfg: RLConfig) -> dict:
         reference = "adapters" if o.lora else initial_model(cfg)
     model = o.policy
     if obj.needs_value_model:
-        critic = None if cfg.value_model == "shared" else load_model(cfg.model, lora=o.lora, seed=cfg.seed)[0]
+        critic = None if cfg.value_model == "shared" else load_model(
+            cfg.model, lora=o.lora, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)[0]
         model = ActorCritic(o.policy, ValueHead(o.policy.config.hidden_size), critic)
 
     curriculum = Curriculum(len(o.prompts), min_attempts=cfg.curriculum_min_attempts,
