@@ -86,6 +86,8 @@ class SFTConfig(TrainConfig):
     """Supervised fine-tuning: negative log-likelihood of response tokens."""
 
     lr: float = opt(2e-5, "Peak learning rate of AdamW.")
+    packing: bool = opt(True, "Padding-free micro-batches: a micro-batch's rows go through the model as one row "
+                        "with attention kept within each (the same result as padding, no compute on padding).")
 
 
 @dataclass

@@ -190,7 +190,7 @@ def alignkit_worker(a: dict) -> dict:
     else:
         from alignkit.recipes.sft import run
 
-        cfg = build(SFTConfig, overrides=overrides)
+        cfg = build(SFTConfig, overrides=dict(overrides, packing=a["packing"]))
     run(cfg)
     history = [json.loads(line) for line in (Path(a["out"]) / "metrics.jsonl").read_text().splitlines()]
     return {"step_s": [h["seconds"] for h in history], "losses": [h["loss"] for h in history],
@@ -367,12 +367,12 @@ def main() -> None:
         return
     if args.kind == "grpo":
         base.update(prompts_file=grpo_prompts(), prompts=4, generations=4, new_tokens=64, lr=1e-6)
-    trl_default = {"gradient_checkpointing": True, "packing": args.kind == "sft"}
-    variants = [("TRL (defaults: checkpointing on)", "trl", trl_default),
-                ("TRL (checkpointing off)", "trl", {"packing": args.kind == "sft"}),
-                ("alignkit", "alignkit", {})]
+    pack = {"packing": args.kind == "sft"}  # SFT: both pack (TRL's BFD, alignkit's padding-free batches)
+    variants = [("TRL (defaults: checkpointing on)", "trl", dict(pack, gradient_checkpointing=True)),
+                ("TRL (checkpointing off)", "trl", pack),
+                ("alignkit", "alignkit", pack)]
     if args.kind != "grpo":
-        variants.append(("alignkit (checkpointing on)", "alignkit", {"gradient_checkpointing": True}))
+        variants.append(("alignkit (checkpointing on)", "alignkit", dict(pack, gradient_checkpointing=True)))
     peak = matmul_peak(args.precision, args.threads)
     results = compare(args.kind, variants, base, args.repeats)
     if args.kind == "grpo":
@@ -387,11 +387,12 @@ def main() -> None:
 
 
 def check(base: dict) -> None:
-    """No checkpointing, no packing: the token ids and the losses of steps 1 and 2 (after one AdamW update), in
-    ``--precision`` (fp32 unless given) and with ``--lora`` if given."""
+    """No checkpointing: the token ids and the losses of steps 1 and 2 (after one AdamW update), in
+    ``--precision`` (fp32 unless given) and with ``--lora`` if given. TRL's SFT runs without packing (padded
+    rows), alignkit's with its default padding-free batches, which must give the same losses."""
     base = dict(base, steps=2, return_ids=True)
     for kind in ("sft", "dpo"):
-        t, k = spawn("trl", dict(base, kind=kind)), spawn("alignkit", dict(base, kind=kind))
+        t, k = spawn("trl", dict(base, kind=kind)), spawn("alignkit", dict(base, kind=kind, packing=kind == "sft"))
         diffs = [abs(x - y) for x, y in zip(t["losses"], k["losses"])]
         print(f"{kind}: the same token ids: {t['ids'] == k['ids']} ({t['tokens']} tokens); TRL losses {t['losses']}, "
               f"alignkit losses {k['losses']}, |diff| {[f'{d:.2e}' for d in diffs]}")

@@ -86,3 +86,32 @@ def collate_shared(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "segment": torch.tensor(segment, dtype=torch.long), "n_segments": B * n_resp,
         "ends": torch.tensor(ends, dtype=torch.long),
     }
+
+
+def collate_packed(rows: list[Encoded], response: int) -> dict:
+    """Every row's ``prompt + responses[response]`` concatenated into ONE row ``[1, N]``, with no padding.
+
+    ``position_ids`` restart at 0 for each sequence and ``packed_layout`` tells the attention
+    (:mod:`alignkit.models.packing`) where each sequence lies, so every token is computed as in its own sequence.
+    A sequence's first token is never a loss token (nothing in the sequence predicts it), as in :func:`pad`,
+    where position 0 is never scored.
+    """
+    seqs = sequences(rows, response)
+    ids, pos, loss = [], [], []
+    for s, m in seqs:
+        ids += s
+        pos += range(len(s))
+        loss += [False] + list(m[1:])
+    lengths = [len(s) for s, _ in seqs]
+    width = max(lengths)
+    gather = torch.zeros((len(seqs), width), dtype=torch.long)
+    take, start = [], 0
+    for k, n in enumerate(lengths):
+        gather[k, :n] = torch.arange(start, start + n)
+        take += range(k * width, k * width + n)
+        start += n
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long), "position_ids": torch.tensor([pos], dtype=torch.long),
+        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long), "loss_mask": torch.tensor([loss], dtype=torch.bool),
+        "packed_layout": (gather, torch.tensor(take, dtype=torch.long)),
+    }

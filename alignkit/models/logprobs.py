@@ -19,13 +19,15 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def hidden_states(model, input_ids_BT, attention_mask, position_ids_BT=None) -> torch.Tensor:
+def hidden_states(model, input_ids_BT, attention_mask, position_ids_BT=None, **layer_kwargs) -> torch.Tensor:
     """Last hidden states ``[B, T, D]`` of the decoder trunk (the LM head is not applied).
 
-    ``attention_mask`` is ``[B, T]`` (padding) or a ``[B, 1, T, T]`` boolean mask of allowed attention.
+    ``attention_mask`` is ``[B, T]`` (padding) or a ``[B, 1, T, T]`` boolean mask of allowed attention;
+    ``layer_kwargs`` reach every attention call (``packed_layout``, see :mod:`alignkit.models.packing`).
     """
     trunk = unwrap(model).get_decoder()
-    out = trunk(input_ids=input_ids_BT, attention_mask=attention_mask, position_ids=position_ids_BT, use_cache=False)
+    out = trunk(input_ids=input_ids_BT, attention_mask=attention_mask, position_ids=position_ids_BT, use_cache=False,
+                **layer_kwargs)
     return out.last_hidden_state
 
 
@@ -51,13 +53,14 @@ def project_logps(model, h_ND, target_N, *, chunk: int = 1024) -> torch.Tensor:
     return torch.cat(pieces) if pieces else h_ND.new_zeros(0, dtype=torch.float32)
 
 
-def token_logps(model, input_ids_BT, attention_mask_BT, loss_mask_BT, *, chunk: int = 1024) -> torch.Tensor:
+def token_logps(model, input_ids_BT, attention_mask_BT, loss_mask_BT, *, chunk: int = 1024, position_ids_BT=None,
+                **layer_kwargs) -> torch.Tensor:
     """Log-probs ``[B, T]`` of each token given its prefix, filled only where ``loss_mask_BT`` is true (0 elsewhere).
 
     ``loss_mask_BT[b, t]`` marks token ``t`` as a response token; it is predicted from position ``t - 1``, so
     position 0 can never be a response token.
     """
-    h_BTD = hidden_states(model, input_ids_BT, attention_mask_BT)
+    h_BTD = hidden_states(model, input_ids_BT, attention_mask_BT, position_ids_BT, **layer_kwargs)
     where = loss_mask_BT[:, 1:]
     out_BT = torch.zeros(input_ids_BT.shape, dtype=torch.float32, device=input_ids_BT.device)
     out_BT[:, 1:][where] = project_logps(model, h_BTD[:, :-1][where], input_ids_BT[:, 1:][where], chunk=chunk)

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import logging
+
 from alignkit.config import SFTConfig
-from alignkit.data.collate import collate
+from alignkit.data.collate import collate, collate_packed
 from alignkit.data.tokenize import Encoded
 from alignkit.losses.sft import nll_sum
-from alignkit.models.logprobs import token_logps
+from alignkit.models.logprobs import token_logps, unwrap
+from alignkit.models.packing import enable_packing, supports_packing
 from alignkit.recipes.common import prepare, save_final
 from alignkit.train.loop import evaluate, train
 
+log = logging.getLogger("alignkit")
+
 
 class SFTTask:
-    def __init__(self, pad_id: int, chunk: int):
-        self.pad_id, self.chunk = pad_id, chunk
+    def __init__(self, pad_id: int, chunk: int, packed: bool = False):
+        self.pad_id, self.chunk, self.packed = pad_id, chunk, packed
 
     def weight(self, row: Encoded) -> float:
         return float(sum(row.response_masks[0]) if row.response_masks else len(row.responses[0]))
 
     def loss(self, model, rows, normaliser):
-        batch = collate(rows, (0,), self.pad_id)
-        lp_BT = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk=self.chunk)
+        if self.packed:
+            batch = collate_packed(rows, 0)
+            lp_BT = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk=self.chunk,
+                                position_ids_BT=batch["position_ids"], packed_layout=batch["packed_layout"])
+        else:
+            batch = collate(rows, (0,), self.pad_id)
+            lp_BT = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk=self.chunk)
         nll = nll_sum(lp_BT, batch["loss_mask"])
         n = float(batch["loss_mask"].sum())
         return nll / normaliser, {"loss": (nll.item(), n)}
@@ -28,9 +38,19 @@ class SFTTask:
 
 def run(cfg: SFTConfig) -> dict:
     p = prepare(cfg, "sft")
-    task = SFTTask(p.tokenizer.pad_token_id, cfg.logits_chunk)
+    packed = cfg.packing and _packable(p.model)
+    task = SFTTask(p.tokenizer.pad_token_id, cfg.logits_chunk, packed)
     evaluate_fn = (lambda: evaluate(task, p.model, p.eval, cfg.batch_size)) if p.eval else None
     result = train(task, p.model, p.train, cfg, evaluate=evaluate_fn)
     summary = {k: v for k, v in (result.history[-1] if result.history else {}).items()}
     save_final(p.model, p.tokenizer, cfg, "sft", {"steps": result.steps})
     return summary
+
+
+def _packable(model) -> bool:
+    why_not = supports_packing(unwrap(model))
+    if why_not:
+        log.warning("packing=true is not used for this model (%s): micro-batches are padded instead", why_not)
+        return False
+    enable_packing(unwrap(model))
+    return True
