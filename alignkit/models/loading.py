@@ -99,7 +99,11 @@ def add_lora(model: PreTrainedModel, lora: LoraSettings):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, cfg)
+    from alignkit.models.lora import exact_lora_sums
+
+    model = get_peft_model(model, cfg)
+    exact_lora_sums(model)  # keep small adapter terms under bf16 autocast (alignkit/models/lora.py)
+    return model
 
 
 def base_model_path(name: str) -> str:

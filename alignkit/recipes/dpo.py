@@ -180,10 +180,6 @@ def kto_rows(rows: list[Encoded]) -> list[Encoded]:
 
 def run(cfg: DPOConfig) -> dict:
     spec = get_loss(cfg.loss)
-    if cfg.precision == "bf16" and cfg.lora and cfg.share_prompt and spec.paired:
-        log.warning("bf16 + LoRA + share_prompt=true: after an update the policy/reference log-ratios were measured "
-                    "to come out about a fifth of their fp32 size (docs/benchmarks.md, 'An open discrepancy'); "
-                    "share_prompt=false avoids it until that is fixed")
     p = prepare(cfg, "preference" if spec.paired else "unpaired")
     if not spec.paired:
         kto_rows(p.train)

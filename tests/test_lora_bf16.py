@@ -1,0 +1,71 @@
+"""LoRA under bf16 autocast keeps adapter terms that peft's own forward rounds away (alignkit/models/lora.py)."""
+
+import pytest
+import torch
+from peft.tuners.lora.layer import Linear as PeftLinear
+
+from alignkit.models.loading import LoraSettings, load_model
+from alignkit.models.lora import ExactSumLinear
+
+
+def _layer():
+    torch.manual_seed(0)
+    model, _ = load_model("tiny", seed=1, lora=LoraSettings(4, 8, 0.0, "all-linear"))
+    layers = [m for m in model.modules() if isinstance(m, ExactSumLinear)]
+    assert layers and not any(type(m) is PeftLinear for m in model.modules())  # every LoRA Linear converted
+    layer = layers[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(1e-6)  # an early, small update: far below bf16's spacing of the output
+    return model, layer
+
+
+def _peft(layer, x):
+    return PeftLinear.forward(layer, x)
+
+
+def test_float32_is_peft_bit_for_bit():
+    _, layer = _layer()
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    ours, theirs = layer(x), _peft(layer, x)
+    assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+    params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    for a, b in zip(torch.autograd.grad(ours.sum(), params), torch.autograd.grad(theirs.sum(), params)):
+        assert torch.equal(a, b)
+
+
+def test_bf16_autocast_keeps_the_adapter_term():
+    _, layer = _layer()
+    x = torch.randn(4, layer.in_features)
+    with torch.no_grad():
+        exact = layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]  # fp32 adapter term
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            base = layer.base_layer(x)
+            theirs, ours = _peft(layer, x), layer(x)
+    assert base.dtype == torch.bfloat16 and ours.dtype == torch.float32
+    # peft's bf16 sum rounds the term back to the base output almost everywhere ...
+    assert (theirs.float() == base.float()).float().mean() > 0.9
+    # ... the float32 sum keeps it (to bf16's precision of the term itself)
+    assert torch.allclose(ours - base.float(), exact, rtol=2e-2, atol=1e-7)
+
+
+def test_disabled_adapter_and_bf16_weights():
+    model, layer = _layer()
+    x = torch.randn(2, layer.in_features)
+    with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), layer.base_layer(x))
+    layer.to(torch.bfloat16)  # bf16 weights without autocast: the output keeps the layer's dtype
+    with torch.no_grad():
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_whole_model_forward_runs(precision):
+    from alignkit.models.logprobs import autocast, token_logps
+
+    model, _ = _layer()
+    ids = torch.randint(4, 200, (2, 9))
+    with autocast(precision):
+        lp = token_logps(model, ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    lp[:, 1:].sum().backward()
+    assert torch.isfinite(lp).all()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
