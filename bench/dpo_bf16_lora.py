@@ -6,9 +6,10 @@
    reference; the B gradient in bf16 (shared-prompt and separate layouts) is compared with fp32's.
 2. The log-ratios after one update. From B = 0, one fp32 AdamW step (lr 1e-5 and 1e-4, clipping at 1.0) moves
    the policy; then each pair's margin ``(log pi - log ref)(chosen) - (log pi - log ref)(rejected)`` is measured
-   in fp32 and in bf16, the reference taken in the same precision and layout (the base with adapters off). The
-   bf16 error of the margins is printed beside their fp32 size: if it does not shrink with the learning rate,
-   it is rounding noise in the bf16 forward, not a wrong update.
+   in fp32 and in bf16, the reference taken in the same precision and layout (the base with adapters off), with
+   alignkit's LoRA layers (the base + adapter sum in float32, ``alignkit/models/lora.py``) and with peft's own
+   forward. ``seen`` is the least-squares slope of the bf16 margins on the fp32 ones (1 = the whole update is
+   seen); an error that does not shrink with the learning rate is rounding noise, one that grows with it is bias.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from alignkit.data.sources import fetch
 from alignkit.data.tokenize import encode_all
 from alignkit.models.loading import LoraSettings, load_model
 from alignkit.models.logprobs import autocast
+from alignkit.models.lora import ExactSumLinear
 from alignkit.recipes.dpo import PreferenceTask, Reference, reference_off, response_logps
 
 
@@ -63,11 +65,20 @@ def main() -> None:
         print(f"   {precision}, share_prompt={share}: loss {loss:.6f}; cosine {cos:.4f}, signs equal {signs:.3f}, "
               f"norm ratio {(g.norm() / g32.norm()).item():.3f}")
 
-    def margins(precision: str, share: bool) -> torch.Tensor:
-        with torch.no_grad(), autocast(precision):
-            policy = response_logps(model, rows, (0, 1), pad, 1024, share)[0].float()
-            with reference_off(model):
-                ref = response_logps(model, rows, (0, 1), pad, 1024, share)[0].float()
+    def margins(precision: str, share: bool, peft_sum: bool = False) -> torch.Tensor:
+        from peft.tuners.lora.layer import Linear
+
+        layers = [m for m in model.modules() if isinstance(m, ExactSumLinear)]
+        for m in layers if peft_sum else ():
+            m.__class__ = Linear
+        try:
+            with torch.no_grad(), autocast(precision):
+                policy = response_logps(model, rows, (0, 1), pad, 1024, share)[0].float()
+                with reference_off(model):
+                    ref = response_logps(model, rows, (0, 1), pad, 1024, share)[0].float()
+        finally:
+            for m in layers:
+                m.__class__ = ExactSumLinear
         ratio = policy - ref
         return ratio[:, 0] - ratio[:, 1]
 
@@ -82,10 +93,13 @@ def main() -> None:
         opt.step()
         m32 = margins("fp32", True)
         print(f"   lr {lr:g}: fp32 margins {[round(x, 3) for x in m32.tolist()]} (rms {m32.square().mean().sqrt():.3f})")
-        for precision, share in (("fp32", False), ("bf16", True), ("bf16", False)):
-            err = margins(precision, share) - m32
-            print(f"     {precision}, share_prompt={share}: error rms {err.square().mean().sqrt():.4f}, "
-                  f"max {err.abs().max():.4f}")
+        for precision, share, peft_sum in (("fp32", False, False), ("bf16", True, False), ("bf16", False, False),
+                                           ("bf16", True, True), ("bf16", False, True)):
+            m = margins(precision, share, peft_sum)
+            err = m - m32
+            seen = (m * m32).sum() / (m32 * m32).sum()
+            print(f"     {precision}, share_prompt={share}{', peft sum' if peft_sum else ''}: seen {seen:.2f}, "
+                  f"error rms {err.square().mean().sqrt():.4f}, max {err.abs().max():.4f}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_disabled_adapter_and_bf16_weights():
     model, layer = _layer()
     x = torch.randn(2, layer.in_features)
     with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(layer(x), layer.base_layer(x))
+        assert torch.equal(layer(x), layer.base_layer(x).float())  # the same values, float32 like the policy path
     layer.to(torch.bfloat16)  # bf16 weights without autocast: the output keeps the layer's dtype
     with torch.no_grad():
         assert layer(x.bfloat16()).dtype == torch.bfloat16
@@ -69,3 +69,19 @@ def test_whole_model_forward_runs(precision):
     lp[:, 1:].sum().backward()
     assert torch.isfinite(lp).all()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_bf16_policy_equals_reference_at_b_zero():
+    """With B = 0 the adapters add nothing, so under bf16 autocast the policy's log-probs equal the adapters-off
+    (reference) ones exactly, as they do in float32: DPO's first loss is exactly ln 2."""
+    from alignkit.models.logprobs import autocast, token_logps
+
+    torch.manual_seed(0)
+    model, _ = load_model("tiny", seed=1, lora=LoraSettings(4, 8, 0.0, "all-linear"))
+    ids = torch.randint(4, 200, (2, 9))
+    args = (ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    with torch.no_grad(), autocast("bf16"):
+        policy = token_logps(model, *args)
+        with model.disable_adapter():
+            reference = token_logps(model, *args)
+    assert torch.equal(policy, reference)

@@ -21,13 +21,13 @@ class ExactSumLinear(Linear):
     """peft's LoRA ``Linear`` with the base + adapter sum taken in float32 under reduced precision."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        plain = (self.disable_adapters or self.merged or "adapter_names" in kwargs
-                 or any(a in self.lora_variant for a in self.active_adapters))
-        if plain:
+        if self.merged or "adapter_names" in kwargs or any(a in self.lora_variant for a in self.active_adapters):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer(x, *args, **kwargs)
         total = base.float()  # in float32 this is peft's own arithmetic
-        for name in self.active_adapters:
+        # With adapters off (the reference) the output is the same float32 tensor, so policy and reference take
+        # the same dtype path: at B = 0 their log-probs are equal to the last bit, as in float32.
+        for name in () if self.disable_adapters else self.active_adapters:
             if name not in self.lora_A:
                 continue
             a = self.lora_A[name]
