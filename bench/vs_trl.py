@@ -308,26 +308,30 @@ def matmul_peak(precision: str, threads: int, n: int = 2048, repeats: int = 10) 
     return 2 * n**3 / best / 1e9
 
 
-def table(kind: str, results: dict[str, list[dict]], tokens: int, reference: str, peak: float, n_params: int,
+def table(kind: str, results: dict[str, list[dict]], tokens: int, references: list[str], peak: float, n_params: int,
           show_mfu: bool) -> None:
-    """The medians as a markdown table. MFU only where ``6 x parameters x tokens`` is the work both tools do
-    (full-fine-tune SFT): LoRA computes no weight gradients, and alignkit's DPO skips work TRL's count includes."""
+    """The medians as a markdown table, with ratios to each run in ``references``. MFU only where
+    ``6 x parameters x tokens`` is the work both tools do (full-fine-tune SFT): LoRA computes no weight gradients,
+    and alignkit's DPO skips work TRL's count includes."""
     def med(label: str, key: str) -> float:
         if key == "step_s":
             return statistics.median(statistics.median(r["step_s"][1:]) for r in results[label])
         return statistics.median(r[key] for r in results[label])
 
-    ref_tps, ref_rss = tokens / med(reference, "step_s"), med(reference, "peak_rss_mib")
     print(f"\n{kind.upper()} step, {tokens} tokens a step\n")
     if show_mfu:
         print(f"Model FLOP utilisation: 6 x {n_params / 1e6:.1f}M parameters x tokens / step time, over the {peak:.0f} "
               "GFLOP/s matmul peak measured before the runs\n")
-    print(f"| run | step (s) | tokens/s | vs {reference} | peak RSS (MiB) | RSS vs {reference} |" + (" MFU |" if show_mfu else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if show_mfu else ""))
+    speed = "".join(f" speed vs {r} |" for r in references)
+    memory = "".join(f" RSS vs {r} |" for r in references)
+    print(f"| run | step (s) | tokens/s |{speed} peak RSS (MiB) |{memory}" + (" MFU |" if show_mfu else ""))
+    print("|---|---|---|" + "---|" * (2 * len(references) + 1) + ("---|" if show_mfu else ""))
     for label in results:
-        tps, rss = tokens / med(label, "step_s"), med(label, "peak_rss_mib")
-        mfu = f" {6 * n_params * tps / 1e9 / peak:.0%} |" if show_mfu else ""
-        print(f"| {label} | {med(label, 'step_s'):.2f} | {tps:.0f} | {tps / ref_tps:.2f}x | {rss:.0f} | {rss / ref_rss:.2f}x |{mfu}")
+        step, rss = med(label, "step_s"), med(label, "peak_rss_mib")
+        speed = "".join(f" {med(r, 'step_s') / step:.2f}x |" for r in references)
+        memory = "".join(f" {rss / med(r, 'peak_rss_mib'):.2f}x |" for r in references)
+        mfu = f" {6 * n_params * tokens / step / 1e9 / peak:.0%} |" if show_mfu else ""
+        print(f"| {label} | {step:.2f} | {tokens / step:.0f} |{speed} {rss:.0f} |{memory}{mfu}")
 
 
 def main() -> None:
@@ -383,7 +387,8 @@ def main() -> None:
     first = results[variants[0][0]][0]
     print(f"\n{args.kind}, {args.precision}, {'LoRA r16' if args.lora else 'full fine-tune'}, {args.rows} rows, "
           f"median of {args.repeats} processes x steps 2-{args.steps}, {args.threads} threads")
-    table(args.kind, results, first["tokens"], variants[1][0], peak, SMOLLM2_PARAMS, args.kind == "sft" and not args.lora)
+    table(args.kind, results, first["tokens"], [variants[0][0], variants[1][0]], peak, SMOLLM2_PARAMS,
+          args.kind == "sft" and not args.lora)
 
 
 def check(base: dict) -> None:

@@ -24,17 +24,24 @@ class ExactSumLinear(Linear):
         if self.merged or "adapter_names" in kwargs or any(a in self.lora_variant for a in self.active_adapters):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer(x, *args, **kwargs)
-        total = base.float()  # in float32 this is peft's own arithmetic
-        # With adapters off (the reference) the output is the same float32 tensor, so policy and reference take
-        # the same dtype path: at B = 0 their log-probs are equal to the last bit, as in float32.
-        for name in () if self.disable_adapters else self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            a = self.lora_A[name]
-            delta = self.lora_B[name](a(self.lora_dropout[name](self._cast_input_dtype(x, a.weight.dtype))))
-            total = total + delta.float() * self.scaling[name]
-        # under autocast the next layer casts as it needs; without it (bf16 weights) keep the layer's dtype
-        return total if torch.is_autocast_enabled(x.device.type) else total.to(base.dtype)
+        adapters = [] if self.disable_adapters else [name for name in self.active_adapters if name in self.lora_A]
+        if not torch.is_autocast_enabled(x.device.type):  # peft's own arithmetic, operation for operation
+            total = base
+            for name in adapters:
+                total = total + self._delta(name, x) * self.scaling[name]
+            return total.to(base.dtype)
+        # One float32 tensor per layer, added to in place: separate float32 temporaries for the cast, the scaling and
+        # the sum made the allocator hold on to about 1 GB more (peak RSS) in a SmolLM2 DPO-LoRA step.
+        # With adapters off (the reference) the output is the same float32 tensor, so policy and reference take the
+        # same dtype path: at B = 0 their log-probs are equal to the last bit.
+        total = base.float()
+        for name in adapters:
+            total.add_(self._delta(name, x), alpha=self.scaling[name])
+        return total
+
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A[name]
+        return self.lora_B[name](a(self.lora_dropout[name](self._cast_input_dtype(x, a.weight.dtype))))
 
 
 def exact_lora_sums(model) -> int:
