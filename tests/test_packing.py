@@ -25,10 +25,8 @@ def _both(model, rows):
     packed = collate_packed(rows, 0)
     lp_pack = token_logps(model, packed["input_ids"], packed["attention_mask"], packed["loss_mask"], chunk=5,
                           position_ids_BT=packed["position_ids"], packed_layout=packed["packed_layout"])
-    # the same tokens in the same order: the padded batch's scored positions, row by row
-    scored = padded["loss_mask"].clone()
-    scored[:, 0] = False
-    return lp_pad[scored], lp_pack[packed["loss_mask"]]
+    # the same tokens in the same order: the scored positions, row by row
+    return lp_pad[padded["loss_mask"]], lp_pack[packed["loss_mask"]]
 
 
 def test_layout():
@@ -111,3 +109,15 @@ def test_supports_packing_names_the_reason():
     assert supports_packing(model) is None
     model.config.sliding_window = 4
     assert "sliding_window" in supports_packing(model)
+
+
+def test_sft_weight_counts_the_scored_tokens():
+    """The step's normaliser (SFT's row weights) counts exactly the tokens both layouts score: a row without a
+    prompt has its first token unscored, since nothing predicts it."""
+    from alignkit.recipes.sft import SFTTask
+
+    rows = _rows()
+    weights = sum(SFTTask(0, 1024).weight(r) for r in rows)
+    assert weights == 3 + 5 + 7 + 1  # row 2 (no prompt) scores 5 of its 6 tokens; row 3 has a hole of 2
+    assert collate_packed(rows, 0)["loss_mask"].sum() == weights
+    assert collate(rows, (0,), 0)["loss_mask"].sum() == weights

@@ -74,7 +74,8 @@ def test_plain_string_loss_mask_covers_only_the_completion(tok):
 def test_text_rows_are_all_response(tok):
     enc = encode(SFTExample(None, None, None, "hello", ORIGIN), tok, 0)
     assert enc.prompt == [] and enc.responses == [byte_ids(tok, "hello")]
-    assert collate([enc], (0,), tok.pad_token_id)["loss_mask"].all()
+    # every token is response; all but the first are scored (nothing in the sequence predicts the first)
+    assert collate([enc], (0,), tok.pad_token_id)["loss_mask"][0].tolist() == [False] + [True] * (len(enc.responses[0]) - 1)
 
 
 def test_non_ascii_text_round_trips(tok):

@@ -7,14 +7,19 @@ import torch
 from alignkit.data.tokenize import Encoded
 
 
+def response_mask(row: Encoded, response: int) -> list[bool]:
+    """Which tokens of ``responses[response]`` are scored. With an empty prompt the response's first token opens
+    the sequence, so nothing predicts it and it is never scored."""
+    mask = list(row.response_masks[response]) if row.response_masks else [True] * len(row.responses[response])
+    if not row.prompt and mask:
+        mask[0] = False
+    return mask
+
+
 def sequences(rows: list[Encoded], response: int) -> list[tuple[list[int], list[bool]]]:
-    """``prompt + responses[response]`` of each row, with its loss mask (true on response tokens)."""
-    out = []
-    for row in rows:
-        resp = row.responses[response]
-        mask = row.response_masks[response] if row.response_masks else [True] * len(resp)
-        out.append((row.prompt + resp, [False] * len(row.prompt) + mask))
-    return out
+    """``prompt + responses[response]`` of each row, with its loss mask (true on scored response tokens)."""
+    return [(row.prompt + row.responses[response], [False] * len(row.prompt) + response_mask(row, response))
+            for row in rows]
 
 
 def pad(seqs: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -93,15 +98,13 @@ def collate_packed(rows: list[Encoded], response: int) -> dict:
 
     ``position_ids`` restart at 0 for each sequence and ``packed_layout`` tells the attention
     (:mod:`alignkit.models.packing`) where each sequence lies, so every token is computed as in its own sequence.
-    A sequence's first token is never a loss token (nothing in the sequence predicts it), as in :func:`pad`,
-    where position 0 is never scored.
     """
     seqs = sequences(rows, response)
     ids, pos, loss = [], [], []
     for s, m in seqs:
         ids += s
         pos += range(len(s))
-        loss += [False] + list(m[1:])
+        loss += m
     lengths = [len(s) for s, _ in seqs]
     width = max(lengths)
     gather = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -4,7 +4,8 @@ peft's ``Linear.forward`` adds the adapter's output to the base layer's output i
 bf16 autocast that output is a bf16 matmul result, so it lies exactly on the bf16 grid, and an adapter term
 smaller than half its spacing rounds back to it: early in training (``B`` near 0) most of the update vanishes from
 the forward pass while the gradient is computed as if it were there. ``python bench/dpo_bf16_lora.py`` measures
-it on SmolLM2: after one AdamW step the bf16 policy/reference log-ratios came out at 0.28 of their fp32 size.
+it on SmolLM2: after one AdamW step (lr 1e-4) bf16 showed 0.20-0.22 of the fp32 DPO margins, and 0.84-0.86 with
+this class.
 
 :class:`ExactSumLinear` adds the two in float32 and, under autocast, returns the float32 sum, so the term is
 kept; the consumer's next bf16 cast rounds an off-grid value, without bias. In float32 the
@@ -44,11 +45,8 @@ class ExactSumLinear(Linear):
         return self.lora_B[name](a(self.lora_dropout[name](self._cast_input_dtype(x, a.weight.dtype))))
 
 
-def exact_lora_sums(model) -> int:
-    """Turn every plain peft LoRA ``Linear`` in ``model`` into :class:`ExactSumLinear`; returns how many."""
-    n = 0
+def exact_lora_sums(model) -> None:
+    """Turn every plain peft LoRA ``Linear`` in ``model`` into :class:`ExactSumLinear`."""
     for module in model.modules():
         if type(module) is Linear:
             module.__class__ = ExactSumLinear
-            n += 1
-    return n

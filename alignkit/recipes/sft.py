@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from alignkit.config import SFTConfig
-from alignkit.data.collate import collate, collate_packed
+from alignkit.data.collate import collate, collate_packed, response_mask
 from alignkit.data.tokenize import Encoded
 from alignkit.losses.sft import nll_sum
 from alignkit.models.logprobs import token_logps, unwrap
@@ -21,16 +21,13 @@ class SFTTask:
         self.pad_id, self.chunk, self.packed = pad_id, chunk, packed
 
     def weight(self, row: Encoded) -> float:
-        return float(sum(row.response_masks[0]) if row.response_masks else len(row.responses[0]))
+        return float(sum(response_mask(row, 0)))
 
     def loss(self, model, rows, normaliser):
-        if self.packed:
-            batch = collate_packed(rows, 0)
-            lp_BT = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk=self.chunk,
-                                position_ids_BT=batch["position_ids"], packed_layout=batch["packed_layout"])
-        else:
-            batch = collate(rows, (0,), self.pad_id)
-            lp_BT = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk=self.chunk)
+        batch = collate_packed(rows, 0) if self.packed else collate(rows, (0,), self.pad_id)
+        layout = {"position_ids_BT": batch["position_ids"], "packed_layout": batch["packed_layout"]} if self.packed else {}
+        lp_BT = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk=self.chunk,
+                            **layout)
         nll = nll_sum(lp_BT, batch["loss_mask"])
         n = float(batch["loss_mask"].sum())
         return nll / normaliser, {"loss": (nll.item(), n)}
