@@ -79,10 +79,11 @@ def test_logps_are_those_of_the_tempered_distribution():
             torch.testing.assert_close(torch.tensor(c.logps), expected, atol=1e-4, rtol=0)
 
 
-def test_greedy_equals_model_generate():
+@pytest.mark.parametrize("fast", [True, False])
+def test_greedy_equals_model_generate(fast):
     model, tok = _model()
     prompts = _prompts(tok)
-    out = LocalEngine(model, tok, precision="fp32").generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=12))
+    out = LocalEngine(model, tok, precision="fp32", fast_decode=fast).generate(prompts, 1, SamplingParams(temperature=0, max_new_tokens=12))
     for prompt, (c,) in zip(prompts, out):
         ids = torch.tensor([prompt])
         with torch.no_grad():
@@ -160,18 +161,20 @@ def test_stop_strings_eos_and_length():
 
 
 def _record_forward_shapes(model) -> list[tuple[int, int]]:
+    """``(rows, tokens)`` of every forward, prefill or decode step (both decode paths embed the new tokens)."""
     calls = []
-    unwrap(model).get_decoder().register_forward_pre_hook(lambda m, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)),
-                                    with_kwargs=True)
+    unwrap(model).get_input_embeddings().register_forward_pre_hook(
+        lambda m, args: calls.append(tuple(args[0].shape) if args[0].dim() == 2 else (args[0].shape[0], 1)))
     return calls
 
 
-def test_prompts_are_prefilled_once_and_shared_by_their_samples():
+@pytest.mark.parametrize("fast", [True, False])
+def test_prompts_are_prefilled_once_and_shared_by_their_samples(fast):
     model, tok = _model()
     calls = _record_forward_shapes(model)
     prompts = _prompts(tok)
     greedy = SamplingParams(temperature=0, max_new_tokens=10)
-    engine = LocalEngine(model, tok, precision="fp32")
+    engine = LocalEngine(model, tok, precision="fp32", fast_decode=fast)
     out = engine.generate(prompts, 4, greedy)
     assert [s for s in calls if s[1] > 1] == [(3, max(map(len, prompts)))]  # one prefill, a row per prompt
     assert {s[0] for s in calls if s[1] == 1} == {12}  # then 3 x 4 rows decode
@@ -180,15 +183,16 @@ def test_prompts_are_prefilled_once_and_shared_by_their_samples():
         assert all(c.token_ids == alone.token_ids and c.logps == pytest.approx(alone.logps, abs=1e-5) for c in comps)
 
     calls.clear()  # max_batch: 2 prompts x 4 samples do not fit in 6 rows, so each prompt gets its own batch
-    chunked = LocalEngine(model, tok, precision="fp32", max_batch=6).generate(prompts, 4, greedy)
+    chunked = LocalEngine(model, tok, precision="fp32", fast_decode=fast, max_batch=6).generate(prompts, 4, greedy)
     assert sorted(s for s in calls if s[1] > 1) == sorted((1, len(p)) for p in prompts)
     assert [[c.token_ids for c in o] for o in chunked] == [[c.token_ids for c in o] for o in out]
 
 
-def test_finished_rows_leave_the_batch():
+@pytest.mark.parametrize("fast", [True, False])
+def test_finished_rows_leave_the_batch(fast):
     model, tok = _model(eos_bias=3.0)
     calls = _record_forward_shapes(model)
-    out = LocalEngine(model, tok, precision="fp32").generate(_prompts(tok), 4, SamplingParams(max_new_tokens=12, seed=0))
+    out = LocalEngine(model, tok, precision="fp32", fast_decode=fast).generate(_prompts(tok), 4, SamplingParams(max_new_tokens=12, seed=0))
     decode_rows = [s[0] for s in calls if s[1] == 1]
     lengths = [len(c.token_ids) for o in out for c in o]
     # the step that samples token t + 1 runs on the rows that have more than t tokens and did not finish at t
@@ -214,6 +218,9 @@ def test_seeds_make_samples_reproducible_and_a_group_diverse():
 
 def _bf16_copy_matches(engine, expected_state):
     got = dict(engine._copy.named_parameters())
+    got.update({f"{name}.weight": layer.weight for name, layer in engine._packed.items()})  # prepacked linears
+    # every weight is there (the tests' head bias is not: the copy is built from the config, which has none)
+    assert {n for n in expected_state if n.endswith(".weight")} <= set(got) <= set(expected_state)
     for name, p in got.items():
         assert p.dtype == torch.bfloat16
         torch.testing.assert_close(p, expected_state[name].to(torch.bfloat16), atol=0, rtol=2**-8)
