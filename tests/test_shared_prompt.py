@@ -17,12 +17,17 @@ def _rows():
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 1024])
-def test_shared_equals_separate_values_and_gradients(chunk):
+@pytest.mark.parametrize("empty_prompt", [False, True])
+def test_shared_equals_separate_values_and_gradients(chunk, empty_prompt):
     model = tiny_model(seed=3)
     rows = _rows()
+    if empty_prompt:  # nothing predicts the first response token: neither layout scores it
+        rows[1] = Encoded([], rows[1].responses, 1)
     lp_sep, n_sep = sequence_logps(model, collate(rows, (0, 1), 0), chunk=chunk)
     # separate layout is [chosen of every row, rejected of every row]; shared is row-major
     lp_sep, n_sep = lp_sep.view(2, 3).T.reshape(-1), n_sep.view(2, 3).T.reshape(-1)
+    if empty_prompt:
+        assert n_sep[2:4].tolist() == [5, 0]  # rows[1]'s responses have 6 and 1 tokens
     grads_sep = torch.autograd.grad(lp_sep.sum(), list(model.parameters()))
     lp_sh, n_sh = shared_prompt_logps(model, collate_shared(rows, 0), chunk=chunk)
     grads_sh = torch.autograd.grad(lp_sh.sum(), list(model.parameters()))

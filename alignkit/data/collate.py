@@ -55,7 +55,8 @@ def collate_shared(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     carries explicit gather indices: ``source`` (flat index into ``B*T`` of the predicting position),
     ``target`` (the token id) and ``segment`` (``row * R + response``) for each response token, and ``ends``
     (flat index of each response's last token, in row-major order) for rewards read at the last token.
-    Rows may have different numbers of responses only when ``ends`` alone is used.
+    Rows may have different numbers of responses only when ``ends`` alone is used. The scored tokens are
+    those of :func:`response_mask`, as in the padded layout.
     """
     n_resp = len(rows[0].responses)
     width = max(len(r.prompt) + sum(map(len, r.responses)) for r in rows)
@@ -79,10 +80,13 @@ def collate_shared(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             pos[b, start:end] = torch.arange(L, L + n)
             allowed[b, start:end, :L] = True
             allowed[b, start:end, start:end] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+            # the position predicting each token; with an empty prompt nothing predicts the first, which
+            # response_mask leaves unscored (as in the padded layout)
             prev = [L - 1] + list(range(start, end - 1))
-            source += [b * width + p for p in prev]
-            target += resp
-            segment += [b * n_resp + k] * n
+            scored = [j for j, m in enumerate(response_mask(row, k)) if m]
+            source += [b * width + prev[j] for j in scored]
+            target += [resp[j] for j in scored]
+            segment += [b * n_resp + k] * len(scored)
             ends.append(b * width + end - 1)
             start = end
     return {
