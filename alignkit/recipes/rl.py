@@ -113,7 +113,8 @@ def prepare_online(cfg: RolloutConfig) -> Online:
                         overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4))
     rewards = build_reward_set(cfg.rewards, cfg.reward_weights, ctx)
     rewards.warm_up()
-    engine = LocalEngine(policy, tok, precision=cfg.rollout_precision, max_batch=cfg.rollout_batch)
+    engine = LocalEngine(policy, tok, precision=cfg.rollout_precision, max_batch=cfg.rollout_batch,
+                         fast_decode=cfg.rollout_fast_decode)
     evaluate = evaluator(engine, rewards, held, policy, cfg) if held else None
     return Online(policy, tok, lora, prompts, held, rewards, engine, evaluate)
 

@@ -79,7 +79,7 @@ class FastDecoder:
         cfg = model.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.scale = self.head_dim**-0.5
+        self.scale = getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim**-0.5)
 
     @torch.no_grad()
     def step(self, tokens_B: Tensor, mask_BS: Tensor, pos_B: Tensor, kv: KVBuffer) -> Tensor:
@@ -90,7 +90,8 @@ class FastDecoder:
             raise RuntimeError(f"the key/value buffer holds {kv.keys[0].shape[2]} positions; position {t} is past it")
         h_BD = self.decoder.embed_tokens(tokens_B)
         cos_B1d, sin_B1d = self.decoder.rotary_emb(h_BD, pos_B[:, None])  # [B, 1, d]: broadcast over heads
-        bias_B11S = torch.zeros(mask_BS.shape).masked_fill_(mask_BS == 0, float("-inf"))[:, None, None, :]
+        bias_BS = torch.zeros(mask_BS.shape, device=mask_BS.device).masked_fill_(mask_BS == 0, float("-inf"))
+        bias_B11S = bias_BS[:, None, None, :]
         Hq, Hk, d = self.n_heads, self.n_kv, self.head_dim
         for i, layer in enumerate(self.decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp

@@ -98,10 +98,12 @@ def inverse_cdf(p_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     ``(0, total]``, so a token of zero weight is never taken (its cumulative weight equals its predecessor's,
     which is below the point). One uniform a row instead of ``torch.multinomial``'s one random number per
     vocabulary entry: 0.7 against 8.5 ms for 8 rows of 49,152 (``bench/generate.py`` in ``docs/benchmarks.md``).
-    The cumulative sum runs in float64, so rounding moves no token's probability by more than about 1e-11.
+    The cumulative sum runs in float64 (float32 on MPS), so rounding moves no token's probability by more than
+    about 1e-11.
     """
-    cdf_BV = p_BV.double().cumsum(-1)
-    point_B1 = ((1.0 - u_B.double()) * cdf_BV[:, -1]).unsqueeze(-1)
+    wide = torch.float32 if p_BV.device.type == "mps" else torch.float64  # MPS has no float64
+    cdf_BV = p_BV.to(wide).cumsum(-1)
+    point_B1 = ((1.0 - u_B.to(wide)) * cdf_BV[:, -1]).unsqueeze(-1)
     return torch.searchsorted(cdf_BV, point_B1, side="left").squeeze(-1)
 
 
