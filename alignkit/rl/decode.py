@@ -107,9 +107,15 @@ class FastDecoder:
             x_BD = layer.post_attention_layernorm(h_BD)
             h_BD = h_BD + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x_BD)) * mlp.up_proj(x_BD))
         kv.length = t + 1
-        logits_BV = self.model.get_output_embeddings()(self.decoder.norm(h_BD)).float()
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits_BV / softcap) * softcap if softcap else logits_BV
+        return head_logits(self.model, self.decoder.norm(h_BD))
+
+
+def head_logits(model, h_BD: Tensor) -> Tensor:
+    """Float32 logits ``[B, V]`` of the final hidden states ``h_BD`` (contiguous, 2-D), softcapped as the model's
+    config says."""
+    logits_BV = model.get_output_embeddings()(h_BD).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits_BV / softcap) * softcap if softcap else logits_BV
 
 
 def fast_decoder(model) -> FastDecoder | None:

@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from alignkit.models.logprobs import unwrap
 from alignkit.models.prepacked import prepack_linears
-from alignkit.rl.decode import KVBuffer, fast_decoder
+from alignkit.rl.decode import KVBuffer, fast_decoder, head_logits
 
 STOP_MARGIN = 8  # extra tail tokens decoded for the stop check (tokens that decode to no text, split UTF-8)
 
@@ -291,9 +291,7 @@ def _forward(net, ids_BT, mask_BS, pos_BT, cache) -> torch.Tensor:
     base = unwrap(net)
     h_BTD = base.get_decoder()(input_ids=ids_BT, attention_mask=mask_BS, position_ids=pos_BT, past_key_values=cache,
                                use_cache=True).last_hidden_state
-    logits_BV = base.get_output_embeddings()(h_BTD[:, -1].contiguous()).float()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    return torch.tanh(logits_BV / softcap) * softcap if softcap else logits_BV
+    return head_logits(base, h_BTD[:, -1].contiguous())
 
 
 def _empty_bf16_copy(base):
