@@ -55,6 +55,7 @@ class TrainConfig:
     skip_invalid: bool = opt(False, "Skip bad rows (and report how many) instead of stopping.")
     group_by_length: bool = opt(True, "Sort each step's rows by length before splitting into micro-batches (less padding).")
     gradient_checkpointing: bool = opt(False, "Recompute each layer's activations in the backward pass: less memory, about a third more compute.")
+    compile: bool = opt(False, "torch.compile each decoder layer (compiled on the first step, again when the length first changes).")
     logits_chunk: int = opt(1024, "Response positions projected to the vocabulary at a time.")
     log_every: int = opt(1, "Print a metrics line every N steps (metrics.jsonl gets every step).")
     eval_steps: int = opt(0, "Evaluate every N steps (0: only at the end).")

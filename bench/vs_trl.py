@@ -181,7 +181,7 @@ def alignkit_worker(a: dict) -> dict:
         data=str(data), output_dir=a["out"], batch_size=len(rows), max_steps=a["steps"], lr=a["lr"],
         scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, precision=a["precision"],
         lora=a["lora"], progress=False, save_merged=False, gradient_checkpointing=a["gradient_checkpointing"],
-        seed=a.get("seed", 0),
+        seed=a.get("seed", 0), compile=a.get("compile", False),
     )
     if a["kind"] == "dpo":
         from alignkit.recipes.dpo import run
@@ -377,6 +377,8 @@ def main() -> None:
                 ("alignkit", "alignkit", pack)]
     if args.kind != "grpo":
         variants.append(("alignkit (checkpointing on)", "alignkit", dict(pack, gradient_checkpointing=True)))
+    if args.kind == "sft":  # TRL's own torch_compile option is not run
+        variants.append(("alignkit (compile=true)", "alignkit", dict(pack, compile=True)))
     peak = matmul_peak(args.precision, args.threads)
     results = compare(args.kind, variants, base, args.repeats)
     if args.kind == "grpo":

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignkit.errors import UserError
+from alignkit.models.logprobs import unwrap
 from alignkit.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,21 @@ def load_model(
     if lora is not None:
         model = add_lora(model, lora)
     return model, tok
+
+
+def compile_layers(model) -> int:
+    """``torch.compile`` each decoder layer of ``model`` (plain or peft-wrapped) in place; returns how many.
+
+    Regional compilation: the layers share one code object, so one compilation serves all of them, and inductor
+    fuses the small ops between the matmuls (RMSNorm, RoPE, SiLU x up, the autocast casts) in the forward and
+    the backward. On SmolLM2-135M a packed 744-token bf16 SFT forward and backward takes 2.45 s compiled against
+    2.99 s eager (``bench/compile_step.py``); compiling took 22 s the first time and 6 s with inductor's on-disk
+    cache. A new sequence length recompiles once, after which the length is dynamic.
+    """
+    layers = unwrap(model).get_decoder().layers
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def add_lora(model: PreTrainedModel, lora: LoraSettings):

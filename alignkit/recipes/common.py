@@ -16,7 +16,7 @@ import yaml
 from alignkit.config import TrainConfig, to_dict
 from alignkit.data.formats import describe, load_examples
 from alignkit.data.tokenize import Encoded, encode_all
-from alignkit.models.loading import LoraSettings, base_model_path, load_model
+from alignkit.models.loading import LoraSettings, base_model_path, compile_layers, load_model
 from alignkit.train import dist
 
 log = logging.getLogger("alignkit")
@@ -85,6 +85,8 @@ def prepare(cfg: TrainConfig, kind: str) -> Prepared:
     examples, held = split_eval(cfg, loaded.examples, kind)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     model, tok = load_model(cfg.model, lora=lora, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.compile:
+        log.info("torch.compile: %d decoder layers (compiled on the first step)", compile_layers(model))
     enc_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None, truncation=cfg.truncation)
     train, ev = encode_all(examples, tok, **enc_args), encode_all(held, tok, **enc_args)
     if train.n_truncated or train.n_dropped:

@@ -28,7 +28,7 @@ from alignkit.config import RLConfig, RolloutConfig
 from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import prompt_ids
 from alignkit.errors import DataError
-from alignkit.models.loading import LoraSettings, load_model
+from alignkit.models.loading import LoraSettings, compile_layers, load_model
 from alignkit.recipes.common import log_data, save_final, seed_everything, setup_logging, split_eval, write_config
 from alignkit.rl.objective import KLController
 from alignkit.rl.rewards import RewardContext, build_reward_set
@@ -107,6 +107,8 @@ def prepare_online(cfg: RolloutConfig) -> Online:
     seed_everything(cfg.seed)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     policy, tok = load_model(cfg.model, lora=lora, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.compile:
+        log.info("torch.compile: %d decoder layers (compiled on the first step)", compile_layers(policy))
     prompts, held = load_prompts(cfg, tok)
     write_config(cfg)
     ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
