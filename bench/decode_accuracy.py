@@ -20,20 +20,18 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from alignkit.data.asdiv import PROMPT_SUFFIX
 from alignkit.models.loading import load_model
 from alignkit.rl.decode import KVBuffer, fast_decoder
 from alignkit.rl.rollout import LocalEngine, SamplingParams, _forward
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import QUESTIONS  # noqa: E402
+from generate import chat_prompts  # noqa: E402
 
 
 @torch.no_grad()
 def teacher_forced(model, tok, steps: int) -> None:
     copy16 = LocalEngine(model, tok, precision="bf16")._copy
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q + PROMPT_SUFFIX}], tokenize=True,
-                                       add_generation_prompt=True, return_dict=True)["input_ids"] for q in QUESTIONS]
+    prompts = chat_prompts(tok)
     P, T = len(prompts), max(map(len, prompts))
     ids, mask = torch.zeros(P, T, dtype=torch.long), torch.zeros(P, T, dtype=torch.long)
     for i, p in enumerate(prompts):

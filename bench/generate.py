@@ -38,6 +38,12 @@ QUESTIONS = [  # ASDiv-style problems (written for this benchmark)
 WORKLOADS = [("1 prompt x 1", 1, 1), ("8 prompts x 1", 8, 1), ("2 prompts x 4", 2, 4), ("32 prompts x 1", 32, 1)]
 
 
+def chat_prompts(tok) -> list[list[int]]:
+    """The questions as chat prompts (token ids), as the ASDiv recipes ask them."""
+    return [tok.apply_chat_template([{"role": "user", "content": q + PROMPT_SUFFIX}], tokenize=True,
+                                    add_generation_prompt=True, return_dict=True)["input_ids"] for q in QUESTIONS]
+
+
 def run_engine(engine, prompts, n, new_tokens, seed) -> int:
     out = engine.generate(prompts, n, SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=seed))
     return sum(len(c.token_ids) for group in out for c in group)
@@ -69,8 +75,7 @@ def main() -> None:
     hf_steps = LocalEngine(model, tok, precision="bf16", fast_decode=False)
     for e in (engine, hf_steps):
         e.eos_ids = set()  # run every sample to --new-tokens, like min_new_tokens does for generate
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q + PROMPT_SUFFIX}], tokenize=True,
-                                       add_generation_prompt=True, return_dict=True)["input_ids"] for q in QUESTIONS]
+    prompts = chat_prompts(tok)
     methods = {
         "engine (bf16 copy)": lambda p, n, s: run_engine(engine, p, n, args.new_tokens, s),
         "engine, transformers steps": lambda p, n, s: run_engine(hf_steps, p, n, args.new_tokens, s),

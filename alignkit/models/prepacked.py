@@ -2,10 +2,10 @@
 
 A decode step multiplies a few rows by every weight matrix, so it is bound by reading the weights. Given a plain
 weight, torch's CPU ``F.linear`` reorders it into oneDNN's blocked layout on every call; prepacking does that once
-(when the weights change) and the matmul then reads the packed copy. On SmolLM2-135M at batch 8 this takes the
-trunk's linears from 21.7 to 14.5 ms a step and the head from 4.3 to 2.3 ms, with outputs equal to ``F.linear``'s
-bit for bit (``bench/generate.py``; the tests check the equality). Packing costs time when the weights change:
-refreshing the rollout copy of SmolLM2-135M takes 142 ms with it and 27 ms without.
+(when the weights change) and the matmul then reads the packed copy. On SmolLM2-135M at batch 8 the trunk's
+linears run 1.25-1.32x faster and the head 1.6x, with outputs equal to ``F.linear``'s bit for bit
+(``bench/decode_parts.py``; the tests check the equality). Packing costs time when the weights change: refreshing
+the rollout copy of SmolLM2-135M takes about 4x as long with it (124-217 ms against 32-44).
 
 The two ops used (``torch.ops.mkldnn._reorder_linear_weight`` and ``_linear_pointwise``) are the ones
 ``torch.compile`` uses for frozen CPU linears. They are private, so :func:`prepack_available` checks them once on

@@ -1,11 +1,12 @@
 """A lean one-token decode step for Llama-style models, used by the rollout engine's bf16 copy.
 
 Why not transformers' forward: at a decode step every matmul has a handful of rows, so the step is bound by
-reading the weights plus a fixed cost per op, and transformers' forward spends about as long in its own
-machinery (masks, cache bookkeeping, a flash-attention kernel for one query) as in the weight reads. This step
-calls the model's own modules for the projections, norms, rotary table, activation and head (so it uses whatever
-weights they hold, prepacked ones included: :mod:`alignkit.models.prepacked`), writes keys and values into
-preallocated buffers, and computes attention for the single query as two small float32 matmuls. The prefill
+reading the weights plus a fixed cost per op, and transformers' forward adds its own machinery (masks, cache
+bookkeeping, a flash-attention kernel for one query). Measured on SmolLM2-135M at batch 8 the gain is small,
+1.04-1.07x a step (``bench/decode_parts.py``). This step calls the model's own modules for the projections,
+norms, rotary table, activation and head (so it uses whatever weights they hold, prepacked ones included:
+:mod:`alignkit.models.prepacked`), writes keys and values into preallocated buffers, and computes attention for
+the single query as two small float32 matmuls. The prefill
 still runs transformers' forward; its cache is copied into :class:`KVBuffer`.
 
 The rotary embedding module is the model's (so RoPE scaling variants behave as the model defines them), and the

@@ -97,7 +97,7 @@ def inverse_cdf(p_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     Row ``b`` takes the first token whose cumulative weight reaches ``(1 - u) * total``: a point in
     ``(0, total]``, so a token of zero weight is never taken (its cumulative weight equals its predecessor's,
     which is below the point). One uniform a row instead of ``torch.multinomial``'s one random number per
-    vocabulary entry: 0.7 against 8.5 ms for 8 rows of 49,152 (``bench/generate.py`` in ``docs/benchmarks.md``).
+    vocabulary entry: 1.3 against 9.0 ms for 8 rows of 49,152 (``bench/decode_parts.py``).
     The cumulative sum runs in float64 (float32 on MPS), so rounding moves no token's probability by more than
     about 1e-11.
     """
