@@ -61,7 +61,9 @@ class TrainConfig:
     eval_steps: int = opt(0, "Evaluate every N steps (0: only at the end).")
     save_steps: int = opt(0, "Write a checkpoint every N steps (0: none until the end).")
     save_total_limit: int = opt(2, "Checkpoints kept (oldest deleted first).")
-    resume: bool = opt(False, "Continue from the newest checkpoint in output_dir.")
+    resume: bool = opt(False, "Continue from the newest checkpoint in output_dir (its settings must match this run's).")
+    overwrite: bool = opt(False, "Remove another run's files from output_dir first (without it, a used output_dir is refused).")
+    max_bad_steps: int = opt(3, "Steps in a row with a non-finite loss or gradient norm (each skipped, no update) before the run stops with exit 1.")
     save_merged: bool = opt(True, "With LoRA, write final/ as merged weights (else the adapter, naming its base).")
     tensorboard: bool = opt(False, "Also log to TensorBoard under output_dir/tensorboard.")
     progress: bool = opt(True, "Show a progress bar.")
@@ -73,13 +75,15 @@ class TrainConfig:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected one of {', '.join(map(str, choices))}")
         if not self.data:
             raise ConfigError("data= is required (a data file or a datasets name)")
-        for name in ("batch_size", "grad_accum", "max_length", "logits_chunk", "log_every"):
+        for name in ("batch_size", "grad_accum", "max_length", "logits_chunk", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps must be positive or -1, got {self.max_steps}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
 
 
 @dataclass

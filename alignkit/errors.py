@@ -1,4 +1,5 @@
-"""Errors the CLI maps to exit codes: 2 for bad input or config, 1 for anything else."""
+"""Errors the CLI maps to exit codes: 2 for bad input or config, 1 for a diverged run or anything else, 128 +
+the signal for a run stopped by a signal."""
 
 
 class UserError(Exception):
@@ -19,3 +20,17 @@ class DataError(UserError):
         what = f"field '{field}': " if field is not None else ""
         super().__init__(f"{where}{what}{message}")
         self.path, self.line, self.field = path, line, field
+
+
+class TrainingDiverged(RuntimeError):
+    """``max_bad_steps`` optimizer steps in a row had a non-finite loss or gradient norm: the run stopped without
+    writing a final model. The CLI prints the message (no traceback) and exits with code 1."""
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C asked a run to stop: the step in progress was finished and a checkpoint written. The CLI
+    exits with 128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -18,6 +18,7 @@ from alignkit.data.formats import describe, load_examples
 from alignkit.data.tokenize import Encoded, encode_all
 from alignkit.models.loading import LoraSettings, base_model_path, compile_layers, load_model
 from alignkit.train import dist
+from alignkit.train.checkpoint import list_checkpoints, prepare_output_dir
 
 log = logging.getLogger("alignkit")
 
@@ -67,6 +68,11 @@ def split_eval(cfg: TrainConfig, examples: list, kind: str) -> tuple[list, list]
             [ex for ex, k in zip(examples, key) if k in held_groups])
 
 
+def resuming(cfg: TrainConfig) -> bool:
+    """Whether this run continues from a checkpoint (``resume=true`` and one exists)."""
+    return cfg.resume and bool(list_checkpoints(Path(cfg.output_dir) / "checkpoints"))
+
+
 def write_config(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if dist.rank() == 0:
@@ -76,13 +82,15 @@ def write_config(cfg: TrainConfig) -> Path:
 
 
 def prepare(cfg: TrainConfig, kind: str) -> Prepared:
-    """Validate the data (all of it, before any model is loaded), load the model, tokenize, split, save config."""
+    """Validate the data (all of it) and the output directory before any model is loaded, then load the model,
+    tokenize, split, save config."""
     dist.init()
     setup_logging()
     seed_everything(cfg.seed)
     loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
     log_data(loaded)
     examples, held = split_eval(cfg, loaded.examples, kind)
+    prepare_output_dir(cfg)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     model, tok = load_model(cfg.model, lora=lora, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.compile:

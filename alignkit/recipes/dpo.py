@@ -25,7 +25,7 @@ from alignkit.data.collate import collate, collate_shared
 from alignkit.data.tokenize import Encoded
 from alignkit.losses.preference import PairLogps, PreferenceOutput, UnpairedLogps, get_loss, kto_reference_point
 from alignkit.models.logprobs import autocast, sequence_logps, shared_prompt_logps
-from alignkit.recipes.common import prepare, save_final
+from alignkit.recipes.common import prepare, resuming, save_final
 from alignkit.train import dist
 from alignkit.train.loop import evaluate, micro_batches, train
 
@@ -188,12 +188,12 @@ def run(cfg: DPOConfig) -> dict:
     reference = None
     if spec.needs_reference:
         reference = Reference(p.model, cfg.reference, pad, cfg.logits_chunk, cfg.batch_size, cfg.precision, cfg.share_prompt)
-        reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=cfg.resume)
+        reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=resuming(cfg))
         reference.fill(p.model, p.eval, desc="reference (eval)")
     task = PreferenceTask(cfg, pad, reference)
     evaluate_fn = (lambda: evaluate(task, p.model, p.eval, cfg.batch_size)) if p.eval else None
     before = {}
-    if evaluate_fn is not None and not cfg.resume:
+    if evaluate_fn is not None and not resuming(cfg):
         with autocast(cfg.precision):
             before = evaluate_fn()
         log.info("before training (held out): %s", _fmt(before))

@@ -29,13 +29,15 @@ from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import prompt_ids
 from alignkit.errors import DataError
 from alignkit.models.loading import LoraSettings, compile_layers, load_model
-from alignkit.recipes.common import log_data, save_final, seed_everything, setup_logging, split_eval, write_config
+from alignkit.recipes.common import (log_data, resuming, save_final, seed_everything, setup_logging, split_eval,
+                                     write_config)
 from alignkit.rl.objective import KLController
-from alignkit.rl.rewards import RewardContext, build_reward_set
+from alignkit.rl.rewards import SUPPLIED_COLUMNS, RewardContext, build_reward_set
 from alignkit.rl.rollout import LocalEngine, SamplingParams
 from alignkit.rl.sampling import Curriculum, DynamicSampler, PromptSampler
 from alignkit.rl.trainer import ActorCritic, Collector, PolicyTask, Prompt, Rollouts, ValueHead
 from alignkit.train import dist
+from alignkit.train.checkpoint import prepare_output_dir
 from alignkit.train.loop import train
 
 log = logging.getLogger("alignkit")
@@ -53,15 +55,34 @@ def encode_prompts(examples, tok, max_prompt_length: int, path: str) -> list[Pro
     return out
 
 
-def load_prompts(cfg: RolloutConfig, tok) -> tuple[list[Prompt], list[Prompt]]:
+def load_prompts(cfg: RolloutConfig) -> tuple[list, list]:
+    """The training and held-out prompt examples, validated (all of them, before any model is loaded)."""
     loaded = load_examples(cfg.data, "prompt", skip_invalid=cfg.skip_invalid)
     log_data(loaded)
-    train_ex, held = split_eval(cfg, loaded.examples, "prompt")
+    return split_eval(cfg, loaded.examples, "prompt")
+
+
+def encode_split(cfg: RolloutConfig, tok, train_ex: list, held: list) -> tuple[list[Prompt], list[Prompt]]:
     limit = cfg.max_prompt_length or cfg.max_length // 2
     held_prompts = encode_prompts(held, tok, limit, cfg.eval_data or cfg.data)
     if cfg.eval_prompts > 0:
         held_prompts = held_prompts[: cfg.eval_prompts]
     return encode_prompts(train_ex, tok, limit, cfg.data), held_prompts
+
+
+def check_reward_columns(rewards, examples: list, path: str) -> None:
+    """Every column a reward function reads (its declared ``columns``) is in every row: exit 2 naming the
+    column, the reward and the first row without it, before any model is loaded. Without this a missing
+    ``answer`` column makes every reward None, so no step has anything to learn from."""
+    for name, fn, _ in rewards.functions:
+        for column in getattr(fn, "columns", ()):
+            if column in SUPPLIED_COLUMNS:
+                continue
+            for ex in examples:
+                if ex.extra.get(column) is None:
+                    raise DataError(f"reward function {name!r} reads column {column!r}, which this row lacks "
+                                    f"(add it to every row, or choose other rewards=)", path=ex.origin.path,
+                                    line=ex.origin.line, field=column)
 
 
 def evaluator(engine, rewards, prompts: list[Prompt], policy, cfg):
@@ -102,18 +123,23 @@ class Online:
 
 
 def prepare_online(cfg: RolloutConfig) -> Online:
+    """Rewards, data and output directory are checked first (a mistake there exits 2 before a model loads)."""
     dist.init()
     setup_logging()
     seed_everything(cfg.seed)
+    ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
+                        overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4))
+    rewards = build_reward_set(cfg.rewards, cfg.reward_weights, ctx)
+    train_ex, held_ex = load_prompts(cfg)
+    check_reward_columns(rewards, train_ex, cfg.data)
+    check_reward_columns(rewards, held_ex, cfg.eval_data or cfg.data)
+    prepare_output_dir(cfg)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     policy, tok = load_model(cfg.model, lora=lora, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.compile:
         log.info("torch.compile: %d decoder layers (compiled on the first step)", compile_layers(policy))
-    prompts, held = load_prompts(cfg, tok)
+    prompts, held = encode_split(cfg, tok, train_ex, held_ex)
     write_config(cfg)
-    ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
-                        overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4))
-    rewards = build_reward_set(cfg.rewards, cfg.reward_weights, ctx)
     rewards.warm_up()
     engine = LocalEngine(policy, tok, precision=cfg.rollout_precision, max_batch=cfg.rollout_batch,
                          fast_decode=cfg.rollout_fast_decode)
@@ -129,7 +155,7 @@ def initial_model(cfg: RolloutConfig):
 def train_online(o: Online, task, model, source, cfg: RolloutConfig, method: str) -> dict:
     """Held-out evaluation before, the training loop, ``final/``; the summary the CLI prints."""
     summary: dict = {"method": method}
-    if o.evaluate is not None and not cfg.resume:
+    if o.evaluate is not None and not resuming(cfg):
         summary["eval_before"] = o.evaluate()
         log.info("held-out before training: %s", summary["eval_before"])
     result = train(task, model, source, cfg, evaluate=o.evaluate)

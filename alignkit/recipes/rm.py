@@ -29,6 +29,7 @@ from alignkit.models.reward import (
     RewardMeta, load_reward_backbone, position_rewards, save_meta, sequence_rewards, shared_rewards,
 )
 from alignkit.recipes.common import log_data, seed_everything, setup_logging, split_eval, write_config
+from alignkit.train.checkpoint import prepare_output_dir
 from alignkit.train import dist
 from alignkit.train.loop import derive_std, evaluate, micro_batches, train
 
@@ -201,6 +202,7 @@ def run(cfg: RMConfig) -> dict:
     loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
     log_data(loaded)
     examples, held = split_eval(cfg, loaded.examples, kind)
+    prepare_output_dir(cfg)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     model, tok = load_reward_backbone(cfg.model, 1 if cfg.process else len(aspects), lora=lora, seed=cfg.seed)
     if cfg.process:

@@ -16,6 +16,13 @@ Where rewards come from (:func:`load_reward_function`)
   normalised and aspect-weighted as the model's ``alignkit_rm.json`` says); loaded on first use, once;
 - ``package.module:function`` or ``path/to/file.py:function``: a user's function, imported.
 
+Columns
+-------
+A function declares the data columns it reads as ``fn.columns`` (a tuple of names; the registry's entries do,
+a user function may). The trainer checks them against every data row before any model is loaded, so a
+missing ``answer`` column is an error naming the row, not a run in which no completion gets a reward.
+``lengths`` (:data:`SUPPLIED_COLUMNS`) is supplied by the trainer, not the data.
+
 Group-aware rewards
 -------------------
 Most rewards score each completion on its own. A GROUP-AWARE reward compares completions that answer the
@@ -66,6 +73,7 @@ from alignkit.rl.verifiable import RewardFn
 
 __all__ = [
     "REWARD_FUNCTIONS",
+    "SUPPLIED_COLUMNS",
     "RewardContext",
     "RewardModelReward",
     "RewardScores",
@@ -149,6 +157,9 @@ REWARD_FUNCTIONS: dict[str, RewardSpec] = {
                    description="share of the chain of thought written in the target language"),
     )
 }
+
+SUPPLIED_COLUMNS = ("lengths",)
+"""Columns the trainer passes to reward functions itself (not read from the data)."""
 
 _SPEC_FORMS = "rm:PATH, package.module:function, path/to/file.py:function"
 
@@ -234,7 +245,12 @@ def load_reward_function(spec: str, ctx: RewardContext) -> tuple[str, RewardFn]:
     if not spec:
         raise ConfigError(f"empty reward spec; choose one of: {', '.join(sorted(REWARD_FUNCTIONS))}, or {_SPEC_FORMS}")
     if spec in REWARD_FUNCTIONS:
-        return spec, REWARD_FUNCTIONS[spec].factory(ctx)
+        entry = REWARD_FUNCTIONS[spec]
+        fn = entry.factory(ctx)
+        if entry.columns and getattr(fn, "columns", None) != entry.columns:
+            fn = functools.wraps(fn)(functools.partial(fn))  # own object: the shared function stays untouched
+            fn.columns = entry.columns  # type: ignore[attr-defined]
+        return spec, fn
     if spec.startswith("rm:"):
         from alignkit.models.reward import META
 

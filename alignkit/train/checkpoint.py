@@ -2,13 +2,20 @@
 
 A crash while writing leaves only a ``.tmp-*`` directory behind, which is ignored; the previous checkpoint
 stays intact. A checkpoint holds the trainable parameters (all weights, or only the LoRA adapter), the
-optimizer state, the RNG states and the step.
+optimizer state, the RNG states, the step and the run's settings (:func:`run_settings`), which must match for
+``resume=true`` to continue from it.
+
+The output directory belongs to one run: :func:`prepare_output_dir` refuses a fresh run into a directory that
+holds another run's files unless told ``resume=true`` (continue it) or ``overwrite=true`` (start again).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -17,24 +24,124 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Settings that do not change what a run computes: they may differ between a run and its resumption.
+# max_steps and epochs may change too (a run can be extended or cut short); start > the new length is refused.
+OPERATIONAL = frozenset({
+    "output_dir", "resume", "overwrite", "progress", "log_every", "tensorboard", "save_steps", "save_total_limit",
+    "eval_steps", "eval_prompts", "max_steps", "epochs", "max_bad_steps", "gradient_checkpointing",
+})
+# What a run writes into its output_dir (``overwrite=true`` removes exactly these).
+RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.yaml", "tensorboard", "report", "reference_logps.pt")
+
+
+def run_settings(cfg) -> dict:
+    """The settings a checkpoint must share with the run that resumes from it (all but :data:`OPERATIONAL`)."""
+    d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    return {k: v for k, v in sorted(d.items()) if k not in OPERATIONAL}
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_resumable(path: Path, settings: dict, n_steps: int | None = None) -> int:
+    """The step of checkpoint ``path`` after checking that this run may continue it: the same settings (the
+    differing keys are named) and a step no later than ``n_steps``. Raises :class:`ConfigError` otherwise."""
+    state = json.loads((path / "state.json").read_text())
+    step = int(state["step"])
+    saved = state.get("settings")
+    if saved is None:
+        log.warning("%s records no settings (written by an older alignkit): cannot check they match", path)
+    elif state.get("settings_hash") != settings_hash(settings):
+        keys = sorted(set(saved) | set(settings))
+        diff = [f"{k}={saved.get(k)!r} (now {settings.get(k)!r})" for k in keys if saved.get(k) != settings.get(k)]
+        raise ConfigError(
+            f"cannot resume from {path}: it was written with other settings: {', '.join(diff) or 'unknown'}; "
+            f"resume with the same settings, or start again with overwrite=true (or another output_dir)")
+    if n_steps is not None and step > n_steps:
+        raise ConfigError(f"cannot resume from {path}: it is at step {step}, past this run's {n_steps} steps "
+                          f"(max_steps/epochs); raise max_steps, or start again with overwrite=true")
+    return step
+
+
+def prepare_output_dir(cfg, n_steps: int | None = None) -> Path | None:
+    """Make ``cfg.output_dir`` ready for a run and return the checkpoint it resumes from (None: from step 0).
+
+    - ``overwrite=true``: another run's files (:data:`RUN_FILES`) are removed first;
+    - ``resume=true``: the newest checkpoint, if its settings match (:func:`check_resumable`); with no
+      checkpoint the run starts from step 0, unless the directory holds a finished run (``final/``);
+    - neither: the directory must hold no run's files.
+    Only the main process removes files. Raises :class:`ConfigError` (exit 2) naming the way out.
+    """
+    from alignkit.train import dist
+
+    out = Path(cfg.output_dir)
+    if cfg.resume and getattr(cfg, "overwrite", False):
+        raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
+    used = [name for name in RUN_FILES if (out / name).exists()]
+    ckpts = list_checkpoints(out / "checkpoints")
+    if getattr(cfg, "overwrite", False):
+        if used and dist.rank() == 0:
+            log.info("overwrite=true: removing %s from %s", ", ".join(used), out)
+            for name in used:
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        dist.barrier()
+        return None
+    if cfg.resume:
+        if ckpts:
+            if n_steps is None and getattr(cfg, "max_steps", -1) > 0:
+                n_steps = cfg.max_steps
+            check_resumable(ckpts[-1], run_settings(cfg), n_steps)
+            return ckpts[-1]
+        if (out / "final").exists():
+            raise ConfigError(f"output_dir={out} holds a finished run (final/) and no checkpoint to resume from: "
+                              f"use overwrite=true to train again there, or another output_dir")
+        return None
+    if used:
+        raise ConfigError(f"output_dir={out} already holds a run ({', '.join(used)}): pass resume=true to continue "
+                          f"it, overwrite=true to replace it, or choose another output_dir")
+    return None
+
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict | None = None) -> Path:
-    """Write checkpoint ``step-NNNNNNNN``; ``extra`` is any state a data source needs to resume (torch.save)."""
+def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict | None = None,
+         settings: dict | None = None) -> Path:
+    """Write checkpoint ``step-NNNNNNNN``; ``extra`` is any state a data source needs to resume (torch.save),
+    ``settings`` the run's :func:`run_settings`.
+
+    Written into a temporary directory and renamed into place, so a crash or a full disk never leaves a
+    half-written checkpoint that :func:`list_checkpoints` would take; on an ``OSError`` the partial directory is
+    removed and the error says which checkpoint is still the newest.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}, tmp / "rng.pt")
-    if extra:
-        torch.save(extra, tmp / "extra.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    try:
+        tmp.mkdir()
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+                   tmp / "rng.pt")
+        if extra:
+            torch.save(extra, tmp / "extra.pt")
+        state = {"step": step}
+        if settings is not None:
+            state.update(settings=settings, settings_hash=settings_hash(settings))
+        (tmp / "state.json").write_text(json.dumps(state, default=str))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(root)
+        kept = f"the newest complete checkpoint is still {previous[-1]}" if previous else "no earlier checkpoint exists"
+        raise OSError(e.errno, f"could not write checkpoint {final}: {e.strerror or e}; {kept}") from e
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:

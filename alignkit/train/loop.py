@@ -16,7 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ import torch
 
 from alignkit.config import TrainConfig
 from alignkit.data.tokenize import Encoded
+from alignkit.errors import Stopped, TrainingDiverged
 from alignkit.models.logprobs import autocast
 from alignkit.train import checkpoint, dist
 
@@ -120,9 +125,14 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], 
     rewritten in a pass of their own: on SmolLM2-135M's gradients clipping and the step take 115 ms instead of 138
     (``bench/clip_step.py``).
     Dividing by ``1 / coefficient`` instead of multiplying by it can move a gradient by an ulp.
+
+    A non-finite norm (a NaN or inf anywhere in the gradients) takes no step at all, so AdamW never writes NaN
+    into the weights or its moments; the caller sees the norm and decides what to do.
     """
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.tensor(0.0)
+    if not torch.isfinite(norm):
+        return norm
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else None
     clipping = coef is not None and bool(coef < 1.0)
     fused = all(g.get("fused") for g in optimizer.param_groups)
@@ -202,6 +212,36 @@ class MetricsWriter:
             self.tb.close()
 
 
+class _StopRequests:
+    """SIGTERM and SIGINT ask the loop to stop after the step in progress (the first signal only: a second one
+    has the default effect, so a stuck run can still be killed). Installed only in the main thread."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # the next one stops at once
+        if dist.rank() == 0:
+            print(f"\nalignkit: {signal.Signals(signum).name}: stopping after this step (a checkpoint is written); "
+                  "send it again to stop at once", file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        flag = 1.0 if self.signum is not None else 0.0
+        return _global_sum(flag) > 0  # every process stops at the same step
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def train(
     task: Task,
     model,
@@ -211,7 +251,14 @@ def train(
     evaluate: Callable[[], dict] | None = None,
 ) -> Result:
     """Run the optimizer steps of ``cfg`` over ``rows`` (a list, or a :class:`StepSource` that makes each step's
-    rows); writes metrics and checkpoints under ``cfg.output_dir``."""
+    rows); writes metrics and checkpoints under ``cfg.output_dir``.
+
+    Guards (a run never saves a broken model): a step whose rows weigh nothing (no response tokens, no valid
+    completion) makes no update and is logged with ``skipped=1``; a step whose loss or gradient norm is not
+    finite makes no update either, with a warning, and ``cfg.max_bad_steps`` of those in a row raise
+    :class:`TrainingDiverged`. SIGTERM or Ctrl-C finish the step in progress, write a checkpoint and raise
+    :class:`Stopped`.
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = dist.rank(), dist.world()
@@ -225,10 +272,12 @@ def train(
     source = FixedRows(rows, cfg) if isinstance(rows, list) else rows
     n_steps = source.n_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, n_steps))
+    settings = checkpoint.run_settings(cfg)
 
     start = 0
     ckpts = checkpoint.list_checkpoints(out / "checkpoints")
     if cfg.resume and ckpts:
+        checkpoint.check_resumable(ckpts[-1], settings, n_steps)
         start = checkpoint.load(ckpts[-1], model, optimizer)
         source.load_state_dict(checkpoint.load_extra(ckpts[-1]))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, n_steps), last_epoch=start - 1)
@@ -238,76 +287,123 @@ def train(
     writer = MetricsWriter(out, start, cfg.tensorboard)
     result = Result(steps=start)
 
+    def save_checkpoint(step: int) -> Path | None:
+        if rank != 0:
+            return None
+        return checkpoint.save(out / "checkpoints", step, model, optimizer, keep=cfg.save_total_limit,
+                               extra=source.state_dict(), settings=settings)
+
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     model.train()
-    step = start
-    try:
-        for step in range(start, n_steps):
-            t0 = time.perf_counter()
-            mine = source.rows(step, model)
-            t_update = time.perf_counter()
-            normaliser = _global_sum(sum(task.weight(r) for r in mine))
-            if hasattr(task, "begin_step"):
-                with autocast(cfg.precision):
-                    task.begin_step(model, mine)
-            sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-            for k, (s, c) in source.metrics().items():
-                sums[k] = [s, c]
-            n_tokens = 0
-            for mb in micro_batches(mine, cfg.batch_size, cfg.group_by_length):
-                with autocast(cfg.precision):
-                    loss, metrics = task.loss(model, mb, normaliser)
-                loss.backward()
-                for k, (s, c) in metrics.items():
-                    sums[k][0] += s
-                    sums[k][1] += c
-                n_tokens += sum(len(r.prompt) * len(r.responses) + sum(map(len, r.responses)) for r in mb)
-            if world > 1:
-                for p in params:
-                    if p.grad is None:  # this process had no rows (e.g. dynamic sampling kept none): add zeros
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce_sum(p.grad)
-            grad_norm = clip_and_step(optimizer, params, cfg.max_grad_norm)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = _reduce(sums, n_tokens)
-            now = time.perf_counter()
-            elapsed = now - t0
-            record.update(
-                step=step + 1, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), seconds=elapsed,
-                tokens_per_s=record.pop("tokens") / (now - t_update), **{"time/update": now - t_update},
-            )
-            periodic = cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0
-            if evaluate is not None and (periodic or step + 1 == n_steps):
-                with autocast(cfg.precision):
-                    record.update({f"eval/{k}": v for k, v in evaluate().items()})
-                model.train()
-            result.history.append(record)
-            writer.write(record)
-            result.steps = step + 1
+    bad_in_a_row = 0
+    with _StopRequests() as stop:
+        try:
+            for step in range(start, n_steps):
+                t0 = time.perf_counter()
+                mine = source.rows(step, model)
+                t_update = time.perf_counter()
+                normaliser = _global_sum(sum(task.weight(r) for r in mine))
+                sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+                for k, (s, c) in source.metrics().items():
+                    sums[k] = [s, c]
+                n_tokens = 0
+                lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+                skipped = None
+                if normaliser > 0:
+                    if hasattr(task, "begin_step"):
+                        with autocast(cfg.precision):
+                            task.begin_step(model, mine)
+                    for mb in micro_batches(mine, cfg.batch_size, cfg.group_by_length):
+                        with autocast(cfg.precision):
+                            loss, metrics = task.loss(model, mb, normaliser)
+                        loss.backward()
+                        for k, (s, c) in metrics.items():
+                            sums[k][0] += s
+                            sums[k][1] += c
+                        n_tokens += sum(len(r.prompt) * len(r.responses) + sum(map(len, r.responses)) for r in mb)
+                    if world > 1:
+                        for p in params:
+                            if p.grad is None:  # this process had no rows (e.g. dynamic sampling kept none): add zeros
+                                p.grad = torch.zeros_like(p)
+                            dist.all_reduce_sum(p.grad)
+                    record = _reduce(sums, n_tokens)
+                    if math.isfinite(record.get("loss", 0.0)):
+                        grad_norm = float(clip_and_step(optimizer, params, cfg.max_grad_norm))  # no step if not finite
+                    else:
+                        grads = [p.grad for p in params if p.grad is not None]
+                        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                    if not (math.isfinite(grad_norm) and math.isfinite(record.get("loss", 0.0))):
+                        skipped = "non-finite"
+                    record["grad_norm"] = grad_norm
+                else:  # nothing to learn from (every row weighs 0): no update, no NaN from 0/0
+                    record = _reduce(sums, n_tokens)
+                    skipped = "empty"
+                with warnings.catch_warnings():  # a skipped step still advances the schedule (the steps are counted)
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if skipped == "non-finite":
+                    bad_in_a_row += 1
+                    log.warning("step %d: loss %s, gradient norm %s: not finite, the step was skipped (%d in a row; "
+                                "the run stops at max_bad_steps=%d)", step + 1, record.get("loss"), record["grad_norm"],
+                                bad_in_a_row, cfg.max_bad_steps)
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        diverged = TrainingDiverged(
+                            f"{bad_in_a_row} steps in a row (up to step {step + 1}) had a non-finite loss or gradient "
+                            f"norm, so the run stopped without writing a final model; the last good state is the "
+                            f"newest checkpoint in {out / 'checkpoints'}, if any. Try a lower lr, precision=fp32 or "
+                            f"check the data and reward functions (max_bad_steps={cfg.max_bad_steps}).")
+                        writer.write({**{k: v for k, v in record.items() if k != "tokens"}, "skipped": 1, "step": step + 1, "lr": lr})
+                        raise diverged
+                elif skipped is None:
+                    bad_in_a_row = 0
+                if skipped:
+                    record["skipped"] = 1
+                    if skipped == "empty":
+                        log.info("step %d: no row carries weight (no response token or valid completion): "
+                                 "skipped, no update", step + 1)
+                now = time.perf_counter()
+                record.update(
+                    step=step + 1, lr=lr, seconds=now - t0,
+                    tokens_per_s=record.pop("tokens") / (now - t_update), **{"time/update": now - t_update},
+                )
+                periodic = cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0
+                if evaluate is not None and (periodic or step + 1 == n_steps):
+                    with autocast(cfg.precision):
+                        record.update({f"eval/{k}": v for k, v in evaluate().items()})
+                    model.train()
+                result.history.append(record)
+                writer.write(record)
+                result.steps = step + 1
+                if bar is not None:
+                    bar.update(1)
+                    if "loss" in record:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    else:
+                        bar.set_postfix(skipped="no rows")
+                if rank == 0 and (step + 1) % cfg.log_every == 0 and bar is None:
+                    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                last = step + 1 == n_steps
+                if stop.requested() and not last:
+                    path = save_checkpoint(step + 1)
+                    dist.barrier()
+                    name = signal.Signals(stop.signum or signal.SIGTERM).name
+                    raise Stopped(f"stopped by {name} after step {step + 1} of {n_steps}; checkpoint {path} written: "
+                                  f"run the same command with resume=true to continue", stop.signum or signal.SIGTERM)
+                if cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0 and not last:
+                    save_checkpoint(step + 1)
+                dist.barrier()
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if rank == 0 and (step + 1) % cfg.log_every == 0 and bar is None:
-                log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            if cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0 and step + 1 < n_steps and rank == 0:
-                checkpoint.save(out / "checkpoints", step + 1, model, optimizer, keep=cfg.save_total_limit,
-                                extra=source.state_dict())
-            dist.barrier()
-    except KeyboardInterrupt:
-        if rank == 0 and result.steps > start:
-            path = checkpoint.save(out / "checkpoints", result.steps, model, optimizer, keep=cfg.save_total_limit,
-                                   extra=source.state_dict())
-            log.warning("interrupted: saved %s; run again with resume=true to continue", path)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        writer.close()
+                bar.close()
+            writer.close()
+    skipped_steps = sum(1 for r in result.history if r.get("skipped"))
+    if skipped_steps and rank == 0:
+        log.warning("%d of %d steps made no update (skipped=1 in metrics.jsonl)", skipped_steps, len(result.history))
     return result
 
 
