@@ -54,6 +54,20 @@ def spans(ids, mask) -> list[list[int]]:
 # ------------------------------------------------------------------------------------------ plain strings
 
 
+def test_text_rows_end_with_eos_so_the_model_learns_to_stop(tok):
+    """A ``text`` row gets EOS appended like a completion does, and the EOS is in the loss."""
+    enc = encode(SFTExample(None, None, None, "hi there", ORIGIN), tok, 0)
+    [response] = enc.responses
+    assert response[-1] == tok.eos_token_id and response[:-1] == byte_ids(tok, "hi there")
+    batch = collate([enc], (0,), tok.pad_token_id)
+    assert batch["input_ids"][0][-1] == tok.eos_token_id and batch["loss_mask"][0][-1]
+
+
+def test_text_rows_that_already_end_with_eos_get_no_second_one(tok):
+    enc = encode(SFTExample(None, None, None, "hi" + tok.eos_token, ORIGIN), tok, 0)
+    assert enc.responses == [byte_ids(tok, "hi") + [tok.eos_token_id]]
+
+
 def test_plain_strings_are_prompt_then_completion_then_eos(tok):
     p, c = render(tok, "max(3,7)=", " 7")
     assert p == byte_ids(tok, "max(3,7)=")
@@ -73,7 +87,7 @@ def test_plain_string_loss_mask_covers_only_the_completion(tok):
 
 def test_text_rows_are_all_response(tok):
     enc = encode(SFTExample(None, None, None, "hello", ORIGIN), tok, 0)
-    assert enc.prompt == [] and enc.responses == [byte_ids(tok, "hello")]
+    assert enc.prompt == [] and enc.responses == [byte_ids(tok, "hello") + [tok.eos_token_id]]
     # every token is response; all but the first are scored (nothing in the sequence predicts the first)
     assert collate([enc], (0,), tok.pad_token_id)["loss_mask"][0].tolist() == [False] + [True] * (len(enc.responses[0]) - 1)
 

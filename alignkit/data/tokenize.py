@@ -1,7 +1,8 @@
 """Turning canonical examples into token ids, with the loss on response tokens only.
 
 Plain strings are concatenated as they are (prompt, then completion followed by EOS), like TRL's "standard"
-format. Message lists go through the tokenizer's chat template; the response is whatever the template adds
+format; a ``text`` row is all response and also ends with EOS (unless it already does), so a model trained on
+it learns to stop. Message lists go through the tokenizer's chat template; the response is whatever the template adds
 after the prompt rendered with ``add_generation_prompt=True``. Prompt and response are tokenized separately, at
 that text boundary: this is exactly what the model sees when it generates a response to the prompt.
 
@@ -147,6 +148,13 @@ def render_chat(tok, messages: list) -> tuple[list[int], list[bool]]:
     return ids, mask
 
 
+def _ending_with_eos(tok, ids: list[int]) -> list[int]:
+    """``ids`` with the tokenizer's EOS appended, unless they already end with it (the text ended with the EOS
+    token, or the tokenizer adds one itself) or the tokenizer has none."""
+    eos = tok.eos_token_id
+    return ids if eos is None or ids[-1:] == [eos] else ids + [eos]
+
+
 def encode(example, tok, index: int) -> Encoded:
     """Encode a canonical example (``alignkit.data.formats``) into ids."""
     kind = type(example).__name__
@@ -156,7 +164,7 @@ def encode(example, tok, index: int) -> Encoded:
             ids, mask = render_chat(tok, example.messages)
             return Encoded([], [ids], index, response_masks=[mask])
         if example.text is not None:
-            return Encoded([], [_ids(tok, example.text, special=True)], index)
+            return Encoded([], [_ending_with_eos(tok, _ids(tok, example.text, special=True))], index)
         p, c = render(tok, example.prompt, example.completion, origin)
         return Encoded(p, [c], index)
     if kind == "PreferenceExample":
