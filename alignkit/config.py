@@ -17,8 +17,10 @@ import yaml
 from alignkit.errors import ConfigError
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help: str, choices: tuple | None = None, list_as: str | None = None):
+    """A config field. ``list_as``: how a YAML list given for this string field is joined (``"comma"``: with
+    commas, ``"json"``: as a JSON list); without it a list is an error naming the key."""
+    return field(default=default, metadata={"help": help, "choices": choices, "list_as": list_as})
 
 
 @dataclass
@@ -123,8 +125,8 @@ class DPOConfig(TrainConfig):
 class RMConfig(TrainConfig):
     """Reward models: Bradley-Terry on pairs and rankings, several aspect heads, or a process reward model."""
 
-    aspects: str = opt("reward", "Comma-separated aspect names, one linear head each (e.g. helpfulness,safety).")
-    aspect_weights: str = opt("", "Comma-separated weights combining the aspects into one reward (default: all 1).")
+    aspects: str = opt("reward", "Comma-separated aspect names, one linear head each (e.g. helpfulness,safety).", list_as="comma")
+    aspect_weights: str = opt("", "Comma-separated weights combining the aspects into one reward (default: all 1).", list_as="comma")
     center_coef: float = opt(0.0, "Weight c of the centering term c * (r_w + r_l)^2 that keeps rewards near 0.")
     process: bool = opt(False, "Process reward model: stepwise data (prompt/steps/labels), BCE at each step's last token.")
     step_separator: str = opt("\n", "Text joining a process reward model's steps.")
@@ -157,6 +159,12 @@ class RMConfig(TrainConfig):
             raise ConfigError("a process reward model has one head: leave aspects unset")
 
 
+PRESET_HELP = ("Named combination of advantage, policy loss, aggregation and KL; fields left unset take the preset's "
+               "values. dapo turns on three of DAPO's four techniques: clip-higher (eps_high 0.28), the token-level "
+               "loss and dynamic sampling, plus overlong filtering (mask_truncated); the fourth, soft overlong "
+               "punishment, is the `overlong` reward: add it to rewards=.")
+
+
 @dataclass
 class RolloutConfig(TrainConfig):
     """What online methods share: prompts in, sampled completions, reward functions."""
@@ -164,15 +172,15 @@ class RolloutConfig(TrainConfig):
     prompts_per_step: int = opt(8, "Prompts drawn for each rollout (each gets num_generations completions).")
     num_generations: int = opt(8, "Completions sampled per prompt (the group size G).")
     max_new_tokens: int = opt(64, "Token limit of each completion.")
-    temperature: float = opt(1.0, "Sampling temperature (0: greedy).")
-    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
-    top_k: int = opt(0, "Sample among the k most likely tokens (0: off).")
-    stop: str = opt("", "Stop string, or a JSON list of them (e.g. '[\"\\n\\n\", \"Question:\"]').")
+    temperature: float = opt(1.0, "Sampling temperature (> 0); the trainer scores the samples' log-probs at the same temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability (scoring uses the full distribution).")
+    top_k: int = opt(0, "Sample among the k most likely tokens (0: off; scoring uses the full distribution).")
+    stop: str = opt("", "Stop string, or a JSON list of them (e.g. '[\"\\n\\n\", \"Question:\"]'; in YAML a list).", list_as="json")
     rollout_precision: str = opt("bf16", "Generation precision: a bf16 copy of the weights (fast) or the fp32 model.", ("bf16", "fp32"))
     rollout_batch: int = opt(64, "Sequences generated at once.")
     rollout_fast_decode: bool = opt(True, "Lean decode steps for Llama-style models (false: transformers' forward).")
-    rewards: str = opt("correctness", "Comma-separated reward functions: correctness, format, length, overlong, language, rm:PATH, module:function or file.py:function.")
-    reward_weights: str = opt("", "Comma-separated weights of the reward functions (default: all 1).")
+    rewards: str = opt("correctness", "Comma-separated reward functions (in YAML a list): correctness, format, length, overlong, language, rm:PATH, module:function or file.py:function.", list_as="comma")
+    reward_weights: str = opt("", "Comma-separated weights of the reward functions (default: all 1; in YAML a list).", list_as="comma")
     reward_timeout: float = opt(30.0, "Seconds a reward function may take per call before its completions get no reward.")
     overlong_buffer: int = opt(0, "DAPO overlong buffer in tokens for the `overlong` reward (0: max_new_tokens // 4).")
     language: str = opt("en", "Target language of the `language` reward.", ("en", "zh"))
@@ -195,8 +203,16 @@ class RolloutConfig(TrainConfig):
         for name in ("prompts_per_step", "num_generations", "max_new_tokens", "rollout_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ConfigError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature}: online training samples, so it must be > 0 (at 0 every "
+                              "completion of a prompt is the greedy one: the group advantages are all 0 and the "
+                              "samples have no log-prob to score)")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("need 0 < top_p <= 1 and top_k >= 0")
+        if self.grad_accum != 1:
+            raise ConfigError(f"grad_accum={self.grad_accum} does not apply to online methods: each optimizer step "
+                              "takes prompts_per_step / mini_batches prompt groups, in micro-batches of batch_size "
+                              "groups (lower batch_size for less memory)")
         try:
             stops = self.stop_strings
         except ValueError as e:
@@ -209,7 +225,7 @@ class RolloutConfig(TrainConfig):
 class RLConfig(RolloutConfig):
     """Online RL: a preset names a combination of registry entries; any field left unset takes the preset's value."""
 
-    preset: str = opt("grpo", "Named combination of advantage, policy loss, aggregation and KL.", ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"))
+    preset: str = opt("grpo", PRESET_HELP, ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"))
     advantage: str | None = opt(None, "Advantage estimator (default: the preset's).", ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", None))
     policy_loss: str | None = opt(None, "Policy loss (default: the preset's).", ("ppo_clip", "gspo", None))
     aggregation: str | None = opt(None, "Loss aggregation (default: the preset's).", ("token_mean", "seq_mean_token_mean", "seq_sum_constant", None))
@@ -227,6 +243,7 @@ class RLConfig(RolloutConfig):
     ppo_epochs: int = opt(1, "Passes over each rollout.")
     mini_batches: int = opt(1, "Optimizer steps per pass over a rollout.")
     dynamic_sampling: bool | None = opt(None, "DAPO dynamic sampling: drop groups whose rewards are all equal and draw more (default: on for dapo).")
+    mask_truncated: bool | None = opt(None, "DAPO overlong filtering: completions cut at max_new_tokens get no gradient; their rewards still count in the group's statistics (default: on for dapo).")
     max_sampling_rounds: int = opt(4, "Dynamic sampling: most draws per rollout before training on what it has.")
     curriculum: bool = opt(False, "Track each prompt's pass rate; drop prompts always or never solved; sample hard ones more.")
     curriculum_min_attempts: int = opt(8, "Completions seen before a prompt can be dropped.")
@@ -249,6 +266,10 @@ class RLConfig(RolloutConfig):
     def use_dynamic_sampling(self) -> bool:
         return self.preset == "dapo" if self.dynamic_sampling is None else self.dynamic_sampling
 
+    @property
+    def use_mask_truncated(self) -> bool:
+        return self.preset == "dapo" if self.mask_truncated is None else self.mask_truncated
+
     def validate(self) -> None:
         super().validate()
         obj = self.objective()
@@ -265,7 +286,7 @@ class RLConfig(RolloutConfig):
 class PPOConfig(RLConfig):
     """PPO-RLHF: policy, reference, reward (any reward function, e.g. rm:PATH) and a value model, with GAE."""
 
-    preset: str = opt("ppo", "Named combination of advantage, policy loss, aggregation and KL.", ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"))
+    preset: str = opt("ppo", PRESET_HELP, ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"))
     num_generations: int = opt(1, "Completions sampled per prompt.")
     prompts_per_step: int = opt(16, "Prompts drawn for each rollout.")
     ppo_epochs: int = opt(2, "Passes over each rollout.")
@@ -301,7 +322,7 @@ class EvalConfig:
     reference: str = opt("smollm2-135m-instruct", "What it is compared with (usually the model before alignment); empty: none.")
     output_dir: str = opt("outputs/eval", "Where summary.json, the PNG plots and report.html are written.")
     run_dir: str = opt("", "A training run's output_dir: its metrics.jsonl adds training curves to the report.")
-    suites: str = opt("capability,winrate,safety,probes", "Comma-separated parts to run.")
+    suites: str = opt("capability,winrate,safety,probes", "Comma-separated parts to run.", list_as="comma")
     capability_data: str = opt("asdiv-heldout", "Math prompts with an `answer` column: 'asdiv-heldout' (the main jobs' 150), 'math500', or a file.")
     capability_limit: int = opt(150, "Problems scored per capability set (0: all).")
     math500_limit: int = opt(50, "MATH-500 problems scored as a second capability set (0: skip).")
@@ -352,7 +373,19 @@ def _field_type(cls, f: dataclasses.Field):
     return hints[f.name]
 
 
-def _coerce(key: str, raw, typ):
+def _coerce(key: str, raw, typ, list_as: str | None = None):
+    if isinstance(raw, (list, tuple, dict)):
+        if isinstance(raw, dict) or typ is not str or list_as is None:
+            raise ConfigError(f"{key}: expected a single value, got a {type(raw).__name__} ({raw!r})")
+        if not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in raw):
+            raise ConfigError(f"{key}: expected a list of strings or numbers, got {raw!r}")
+        if list_as == "json":
+            import json
+
+            return json.dumps([str(x) for x in raw])
+        if any("," in str(x) for x in raw):
+            raise ConfigError(f"{key}: list items cannot contain commas, got {raw!r}")
+        return ",".join(str(x).strip() for x in raw)
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
@@ -401,7 +434,7 @@ def build(cls, yaml_path: str | None = None, overrides: list[str] | dict | None 
     unknown = [k for k in values if k not in fields]
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (see --help for the valid keys)")
-    kwargs = {k: _coerce(k, v, _field_type(cls, fields[k])) for k, v in values.items()}
+    kwargs = {k: _coerce(k, v, _field_type(cls, fields[k]), fields[k].metadata.get("list_as")) for k, v in values.items()}
     cfg = cls(**kwargs)
     cfg.validate()
     return cfg

@@ -31,21 +31,29 @@ def hidden_states(model, input_ids_BT, attention_mask, position_ids_BT=None, **l
     return out.last_hidden_state
 
 
-def _token_logps(head, softcap, h_ND, target_N):
+def _token_logps(head, softcap, h_ND, target_N, temperature=1.0):
     logits = head(h_ND).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(-1, target_N[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def project_logps(model, h_ND, target_N, *, chunk: int = 1024) -> torch.Tensor:
-    """``log p(target | hidden)`` for N positions, ``chunk`` rows of the vocabulary projection at a time."""
+def project_logps(model, h_ND, target_N, *, chunk: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """``log p(target | hidden)`` for N positions, ``chunk`` rows of the vocabulary projection at a time.
+
+    ``temperature``: the log-probs of ``softmax(logits / temperature)``, the distribution a sampler at that
+    temperature draws from (online RL scores its samples under it); no top-k/top-p truncation is applied.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     base = unwrap(model)
     head = base.get_output_embeddings()
     softcap = getattr(base.config, "final_logit_softcapping", None)
     pieces = []
     for start in range(0, h_ND.shape[0], chunk):
-        args = (head, softcap, h_ND[start : start + chunk], target_N[start : start + chunk])
+        args = (head, softcap, h_ND[start : start + chunk], target_N[start : start + chunk], temperature)
         if torch.is_grad_enabled():
             pieces.append(checkpoint(_token_logps, *args, use_reentrant=False))
         else:

@@ -111,54 +111,76 @@ def gae(
     return adv, (adv + v) * m
 
 
-def _check_groups(rewards_BG: Tensor) -> None:
+def _check_groups(rewards_BG: Tensor, valid_BG: Tensor | None) -> Tensor:
+    """The validity mask as float (all ones when None), after checking the shapes."""
     if rewards_BG.dim() != 2:
         raise ValueError(f"group rewards must be [B, G], got shape {tuple(rewards_BG.shape)}")
+    if valid_BG is None:
+        return torch.ones_like(rewards_BG)
+    if valid_BG.shape != rewards_BG.shape:
+        raise ValueError(f"valid_BG {tuple(valid_BG.shape)} must match rewards_BG {tuple(rewards_BG.shape)}")
+    return valid_BG.to(rewards_BG.dtype)
 
 
-def grpo(rewards_BG: Tensor, *, eps: float = 1e-6) -> Tensor:
+def _group_mean(rewards_BG: Tensor, v_BG: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mean over the valid entries of each group [B, 1], their count [B, 1])``; 0 for a group with none."""
+    n = v_BG.sum(dim=1, keepdim=True)
+    return (rewards_BG * v_BG).sum(dim=1, keepdim=True) / n.clamp_min(1.0), n
+
+
+def grpo(rewards_BG: Tensor, valid_BG: Tensor | None = None, *, eps: float = 1e-6) -> Tensor:
     """GRPO outcome advantage (Shao et al. 2402.03300): ``(R_i - mean_G R) / (std_G R + eps)``.
 
     ``std`` is the UNBIASED sample standard deviation (divides by G-1), as ``torch.std`` in
     DeepSeekMath's description and TRL's ``GRPOTrainer``; hence G >= 2. A group whose rewards are
     all equal gets advantage 0 (DAPO's dynamic sampling drops such groups).
 
+    ``valid_BG`` (optional, bool): completions that got a reward. The mean and std are taken over the
+    valid completions only (n of them, std divided by n - 1); invalid ones get 0, and a group with fewer
+    than 2 valid completions gets 0 throughout. Filling a missing reward with the group mean instead would
+    shrink the std and inflate the others' advantages.
+
     Golden: ``R=[[1, 0, 0, 1]]``: mean 0.5, unbiased std ``sqrt(4*0.25/3) = 0.57735``,
-    ``A = [[0.866025, -0.866025, -0.866025, 0.866025]]`` (up to eps).
+    ``A = [[0.866025, -0.866025, -0.866025, 0.866025]]`` (up to eps). With ``R=[[1, ?, ?, 0]]`` (two missing):
+    mean 0.5, std ``sqrt(0.5) = 0.70711``, ``A = [[0.707107, 0, 0, -0.707107]]`` (mean-filling gave +-1.2247).
     """
-    _check_groups(rewards_BG)
+    v = _check_groups(rewards_BG, valid_BG)
     if rewards_BG.shape[1] < 2:
         raise ValueError("grpo needs G >= 2 responses per prompt (unbiased std)")
-    mean = rewards_BG.mean(dim=1, keepdim=True)
-    std = rewards_BG.std(dim=1, keepdim=True, unbiased=True)
-    return (rewards_BG - mean) / (std + eps)
+    mean, n = _group_mean(rewards_BG, v)
+    var = (((rewards_BG - mean) * v) ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1.0)
+    return torch.where(n >= 2, (rewards_BG - mean) / (var.sqrt() + eps), 0.0) * v
 
 
-def dr_grpo(rewards_BG: Tensor) -> Tensor:
+def dr_grpo(rewards_BG: Tensor, valid_BG: Tensor | None = None) -> Tensor:
     """Dr. GRPO advantage (Liu et al. 2503.20783): ``R_i - mean_G R``, no division by the std
     (which up-weights easy and hard prompts). Pair it with the ``seq_sum_constant`` aggregation
-    (``alignkit.losses.policy.AGGREGATIONS``), the other half of the paper's fix.
+    (``alignkit.losses.policy.AGGREGATIONS``), the other half of the paper's fix. ``valid_BG``: as in
+    :func:`grpo` (the mean over valid completions; invalid ones 0).
 
     Golden: ``R=[[1, 0, 0, 1]]`` -> ``[[0.5, -0.5, -0.5, 0.5]]``.
     """
-    _check_groups(rewards_BG)
-    return rewards_BG - rewards_BG.mean(dim=1, keepdim=True)
+    v = _check_groups(rewards_BG, valid_BG)
+    mean, _ = _group_mean(rewards_BG, v)
+    return (rewards_BG - mean) * v
 
 
-def rloo(rewards_BG: Tensor) -> Tensor:
+def rloo(rewards_BG: Tensor, valid_BG: Tensor | None = None) -> Tensor:
     """REINFORCE leave-one-out (Ahmadian et al. 2402.14740; Kool et al. 2019):
     ``A_i = R_i - mean_{j != i} R_j = G/(G-1) * (R_i - mean_G R)``. Needs G >= 2.
 
     Derivation of the second form: ``mean_{j!=i} R_j = (G*mean - R_i)/(G-1)``, so
-    ``R_i - that = (G*R_i - G*mean)/(G-1)``.
+    ``R_i - that = (G*R_i - G*mean)/(G-1)``. ``valid_BG``: the baseline leaves one out of the n valid
+    completions (``n/(n-1) * (R_i - mean)``); invalid ones get 0, and so does a group with n < 2.
 
     Golden: ``R=[[1, 0, 0]]`` -> ``[[1 - 0, 0 - 0.5, 0 - 0.5]] = [[1, -0.5, -0.5]]``.
     """
-    _check_groups(rewards_BG)
+    v = _check_groups(rewards_BG, valid_BG)
     G = rewards_BG.shape[1]
     if G < 2:
         raise ValueError("rloo needs G >= 2 responses per prompt (the baseline leaves one out)")
-    return G / (G - 1) * (rewards_BG - rewards_BG.mean(dim=1, keepdim=True))
+    mean, n = _group_mean(rewards_BG, v)
+    return torch.where(n >= 2, n / (n - 1).clamp_min(1.0) * (rewards_BG - mean), 0.0) * v
 
 
 def reinforce_pp(

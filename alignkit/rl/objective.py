@@ -136,11 +136,15 @@ def compute_advantages(
     group_size: int = 1,
     kl_BT: Tensor | None = None,
     values_BT: Tensor | None = None,
+    scored_B: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token advantages ``[B, T]`` (0 where masked) and, for GAE, the value targets.
 
     ``scores_B``: one scalar reward per completion, completions of one prompt adjacent (row ``b`` belongs to
     group ``b // group_size``). ``kl_BT``: the per-token KL estimate (detached), used when ``kl_in="reward"``.
+    ``scored_B`` (bool): the completions that got a reward; only they enter a group's mean and std (default:
+    those with a token in ``mask_BT``). A completion may be scored and still masked from the loss (DAPO's
+    overlong filtering of truncated completions): it then counts in its group's baseline but gets no gradient.
     """
     spec = get_advantage(obj.advantage)
     m = mask_BT.to(torch.float32)
@@ -154,7 +158,8 @@ def compute_advantages(
         if scores_B.shape[0] % group_size:
             raise ValueError(f"{scores_B.shape[0]} completions do not split into groups of {group_size}")
         r_B = scores_B - obj.kl_coef * kl.sum(-1) if penalty else scores_B
-        adv_B = spec.fn(r_B.view(-1, group_size)).reshape(-1)
+        valid_B = mask_BT.bool().any(-1) if scored_B is None else scored_B.bool()
+        adv_B = spec.fn(r_B.view(-1, group_size), valid_B.view(-1, group_size)).reshape(-1)
         adv = adv_B[:, None] * m
     elif obj.advantage == "reinforce_pp":
         adv = spec.fn(scores_B, kl, mask_BT, beta=obj.kl_coef if penalty else 0.0, gamma=obj.gamma)

@@ -15,11 +15,24 @@ are their concatenation.
 On the first optimizer step after a rollout the weights are those that sampled it, so the behaviour
 log-probs are taken as ``logp.detach()`` of the same forward pass: the ratio is exactly 1 and the clip
 fraction 0 (and no extra forward pass is needed when each rollout is used once).
+
+Every log-prob (policy, behaviour, reference) is taken at the sampling temperature T, i.e. under
+``softmax(logits / T)``, the distribution the sampler drew from (as TRL and verl do): the ratios, the KL
+penalty and its logged value, and the entropy all refer to the policy that sampled. Top-k and top-p
+truncation are not applied when scoring: the sampler draws from the truncated distribution and the trainer
+scores under the full one at temperature T, so with ``top_p < 1`` or ``top_k > 0`` the samples are slightly
+off-policy, a mismatch that is not corrected here.
+
+A completion without a reward (every reward function returned None, raised or timed out) is masked: it gets
+no gradient and enters no group statistic (mean, std, leave-one-out baseline). With ``mask_truncated``
+(DAPO's overlong filtering) a completion cut at ``max_new_tokens`` gets no gradient either, but its reward
+still counts in its group's statistics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -90,12 +103,12 @@ class Forward:
         return unflatten(x_N, self.segment_N, self.n_segments)
 
 
-def forward(model, rows: list[Encoded], pad_id: int, chunk: int, *, values: bool) -> Forward:
+def forward(model, rows: list[Encoded], pad_id: int, chunk: int, *, values: bool, temperature: float = 1.0) -> Forward:
     batch = collate_shared(rows, pad_id)
     policy = policy_of(model)
     h_BTD = hidden_states(policy, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
     h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])[batch["source"]]
-    logp_N = project_logps(policy, h_ND, batch["target"], chunk=chunk)
+    logp_N = project_logps(policy, h_ND, batch["target"], chunk=chunk, temperature=temperature)
     values_N = None
     if values:
         if model.critic is not None:
@@ -129,10 +142,8 @@ class Group:
 
     @property
     def rewards(self) -> list[float]:
-        """Rewards with missing ones replaced by the mean of the others (they carry no gradient: masked)."""
-        ok = [r for r in self.raw if r is not None]
-        fill = sum(ok) / len(ok) if ok else 0.0
-        return [fill if r is None else r for r in self.raw]
+        """The rewards that exist (missing ones are left out: they enter no statistic)."""
+        return [r for r in self.raw if r is not None]
 
 
 class Sums:
@@ -155,6 +166,14 @@ class Sums:
         return {k: (v[0], v[1]) for k, v in self.d.items()}
 
 
+def rollout_seed(seed: int, rollout: int, round_: int, rank: int) -> int:
+    """The sampling seed of one draw: a hash of (run seed, rollout, dynamic-sampling round, rank), so no two
+    draws of a run share a seed however many rounds, rollouts or ranks there are (an arithmetic mix such as
+    ``(rollout * 101 + round) * 64 + rank`` collides past 101 rounds or 64 ranks)."""
+    digest = hashlib.blake2b(f"{seed}/{rollout}/{round_}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator seed
+
+
 class Collector:
     """Draws prompts, samples groups, scores them; dynamic sampling and the curriculum act here."""
 
@@ -163,9 +182,9 @@ class Collector:
         self.cfg, self.dynamic, self.curriculum = cfg, dynamic, curriculum
 
     def sampling(self, rollout: int, round_: int) -> SamplingParams:
-        seed = ((self.cfg.seed * 1_000_003 + rollout) * 101 + round_) * 64 + dist.rank()
         return SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                              max_new_tokens=self.cfg.max_new_tokens, stop=self.cfg.stop_strings, seed=seed)
+                              max_new_tokens=self.cfg.max_new_tokens, stop=self.cfg.stop_strings,
+                              seed=rollout_seed(self.cfg.seed, rollout, round_, dist.rank()))
 
     def score(self, groups_in: list[tuple[int, list]], m: Sums) -> list[Group]:
         flat_p, flat_c, cols, lengths = [], [], {}, []
@@ -291,9 +310,13 @@ class Rollouts:
 
     def _row(self, g: Group) -> Encoded:
         responses = [list(c.token_ids) for c in g.completions]
-        valid = torch.cat([torch.full((len(c.token_ids),), r is not None) for c, r in zip(g.completions, g.raw)])
+        scored = [r is not None for r in g.raw]
+        drop = [self.cfg.use_mask_truncated and c.finish_reason == "length" for c in g.completions]
+        valid = torch.cat([torch.full((len(c.token_ids),), ok and not cut)
+                           for c, ok, cut in zip(g.completions, scored, drop)])
+        scores = torch.tensor([0.0 if r is None else r for r in g.raw], dtype=torch.float32)
         return Encoded(g.prompt.ids, responses, g.index,
-                       extra={"valid": valid, "scores": torch.tensor(g.rewards, dtype=torch.float32)})
+                       extra={"valid": valid, "scores": scores, "scored": torch.tensor(scored)})
 
     @torch.no_grad()
     def _score_tokens(self, model, rows: list[Encoded], m: Sums) -> None:
@@ -305,7 +328,8 @@ class Rollouts:
         for mb in micro_batches(rows, self.cfg.batch_size, False):
             with autocast(self.cfg.precision):
                 if need_old or need_values:
-                    fw = forward(model, mb, self.pad_id, self.cfg.logits_chunk, values=need_values)
+                    fw = forward(model, mb, self.pad_id, self.cfg.logits_chunk, values=need_values,
+                                 temperature=self.cfg.temperature)
                     _split(mb, "old", fw.logp_N)
                     if need_values:
                         _split(mb, "old_values", fw.values_N)
@@ -325,7 +349,9 @@ class Rollouts:
                                                          torch.cat([r.extra["ref"] for r in rows]))
             kl_bt = unflatten(kl_n, segs, S)
         values = unflatten(torch.cat([r.extra["old_values"] for r in rows]), segs, S) if need_values else None
-        adv, returns = compute_advantages(obj, scores, mask, group_size=G, kl_BT=kl_bt, values_BT=values)
+        scored = torch.cat([r.extra["scored"] for r in rows])
+        adv, returns = compute_advantages(obj, scores, mask, group_size=G, kl_BT=kl_bt, values_BT=values,
+                                          scored_B=scored)
         real = unflatten(torch.ones(segs.shape[0]), segs, S) > 0  # [S, T] -> flat order: completion by completion
         _split(rows, "adv", adv[real])
         if returns is not None:
@@ -340,7 +366,11 @@ class Rollouts:
                 k1 = unflatten(old - torch.cat([r.extra["ref"] for r in rows]), segs, S) * mask
                 seq_kl = k1.sum(-1)
                 m.add("rollout/kl", float(seq_kl.sum()), float(S))
-                self.kl.update(float(seq_kl.mean()), 1)
+                # the controller moves by the number of samples in the batch, summed over processes (Ziegler et
+                # al. 1909.08593, TRL, OpenRLHF), with the batch's mean KL per completion
+                total = torch.tensor([float(seq_kl.sum()), float(S)], dtype=torch.float64)
+                dist.all_reduce_sum(total)
+                self.kl.update(float(total[0] / total[1]), int(total[1]))
 
     def _reference_logps(self, model, rows: list[Encoded]) -> torch.Tensor:
         policy = policy_of(model)
@@ -352,7 +382,8 @@ class Rollouts:
         with ctx:
             batch = collate_shared(rows, self.pad_id)
             h = hidden_states(net, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            return project_logps(net, h.reshape(-1, h.shape[-1])[batch["source"]], batch["target"], chunk=self.cfg.logits_chunk)
+            return project_logps(net, h.reshape(-1, h.shape[-1])[batch["source"]], batch["target"],
+                                 chunk=self.cfg.logits_chunk, temperature=self.cfg.temperature)
 
 
 def _split(rows: list[Encoded], key: str, flat_N: torch.Tensor) -> None:
@@ -371,8 +402,8 @@ class PolicyTask:
     """The policy-gradient :class:`~alignkit.train.loop.Task` over rollout rows (module docstring)."""
 
     def __init__(self, obj: Objective, kl: KLController, pad_id: int, chunk: int, *, vf_coef: float = 0.0,
-                 value_clip: float = 0.2):
-        self.obj, self.kl, self.pad_id, self.chunk = obj, kl, pad_id, chunk
+                 value_clip: float = 0.2, temperature: float = 1.0):
+        self.obj, self.kl, self.pad_id, self.chunk, self.temperature = obj, kl, pad_id, chunk, temperature
         self.vf_coef, self.value_clip = vf_coef, value_clip
         self.counts = get_aggregation(obj.aggregation).counts
 
@@ -389,7 +420,7 @@ class PolicyTask:
     def loss(self, model, rows: list[Encoded], normaliser: float):
         obj = replace(self.obj, kl_coef=self.kl.beta)
         critic = obj.needs_value_model
-        fw = forward(model, rows, self.pad_id, self.chunk, values=critic)
+        fw = forward(model, rows, self.pad_id, self.chunk, values=critic, temperature=self.temperature)
         cat = lambda key: torch.cat([r.extra[key] for r in rows])  # noqa: E731
         mask = fw.bt(cat("valid").float())
         logp = fw.bt(fw.logp_N)
