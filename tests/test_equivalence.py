@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -233,6 +234,16 @@ def test_cached_reference_equals_live(run, lora):
     assert_same_run(cached, live, label=f"reference cached vs live, lora={lora}")
     # the reference must stay the initial model: from step 2 on the policy differs from it
     assert any(abs(r["rewards/margin"]) > 1e-3 for r in metrics(live)[1:])
+
+
+def test_first_step_policy_equals_reference(run):
+    """Before the first update the policy is the initial model, so the reference log-probs equal the policy's:
+    every implicit reward of step 1 is 0 and its DPO loss is log 2. (A reference of zeros, cached or live, would
+    pass the cached-vs-live comparison above; this does not.)"""
+    first = metrics(run("dpo", batch_size=8, grad_accum=1))[0]
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 # ---------------------------------------------------------------- 4. resume
