@@ -24,7 +24,7 @@ DEFAULTS = dict(
     model="smollm2-135m-instruct", preset="grpo", rewards="correctness", lora=True, lora_r=16, lora_alpha=32,
     lr=2e-4, scheduler="constant", warmup_steps=2, prompts_per_step=8, num_generations=8, max_new_tokens=64,
     temperature=0.8, max_steps=30, precision="bf16", rollout_precision="bf16", batch_size=2, max_length=512,
-    output_dir="outputs/grpo",
+    output_dir="outputs/grpo", overwrite=True,  # a re-run of the job replaces its previous output
 )
 
 

@@ -23,6 +23,7 @@ from alignkit.recipes import dpo
 DEFAULTS = dict(
     model="smollm2-135m-instruct", loss="dpo", beta=0.5, lora=True, lora_r=16, lora_alpha=32, lr=2e-4,
     batch_size=8, epochs=1.0, warmup_steps=5, precision="bf16", max_length=256, output_dir="outputs/main",
+    overwrite=True,  # a re-run of the job replaces its previous output
 )
 
 

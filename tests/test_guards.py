@@ -204,3 +204,18 @@ def test_the_logged_lr_is_the_one_the_update_used(tmp_path):
     out2 = tmp_path / "out2"
     assert _sft(tmp_path, out2, "max_steps=3", "lr=1e-3", "warmup_steps=1", "scheduler=linear") == 0
     assert [x["lr"] for x in history(out2)] == pytest.approx([5e-4, 1e-3, 5e-4])
+
+
+def test_a_bad_reward_spec_exits_2_before_the_model_loads_and_leaves_no_output(tmp_path, capsys, monkeypatch):
+    no_model(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["grpo", *RL, f"data={prompt_jsonl(tmp_path)}", f"output_dir={out}", "rewards=corectness"]) == 2
+    assert "corectness" in capsys.readouterr().err and not out.exists()
+
+
+def test_resume_without_a_checkpoint_still_evaluates_before_training(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["grpo", *RL, f"data={prompt_jsonl(tmp_path)}", f"output_dir={out}", "max_steps=1", "eval_fraction=0.25",
+                 "progress=false", "resume=true"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "eval_before" in summary and summary["eval_before"]["length"] > 0
