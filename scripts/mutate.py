@@ -1,0 +1,392 @@
+#!/usr/bin/env python
+"""Mutation testing of the training path: does removing a mechanism make a test fail?
+
+Each entry of :data:`MUTATIONS` is one small source change (an exact snippet of one file and its replacement),
+the smallest set of tests that should fail with it, and a line saying what it breaks. For each mutation the
+script copies the working tree (tracked files and untracked ones git does not ignore) into a temporary
+directory, applies the change there (never to the live checkout), checks that the copy's module is the one
+Python imports, and runs ``python -m pytest -x`` on the named tests inside the copy:
+
+- KILLED: a test failed (or the run timed out), as it should;
+- SURVIVED: every test passed with the mechanism gone: a test is missing;
+- NOT APPLIED: the snippet is not in the file exactly once (the source changed: update the list);
+- SKIPPED: the mutation's ``only_if`` is false on this machine (the mechanism is not used here);
+- ERROR: the mutated code did not import, the selection collected no test, or the copy was not the code imported.
+
+The import check is a small pytest plugin written into the copy (``-p _mutation_check``): before collection it
+imports the mutated module and stops the run unless it came from the copy (the editable install's finder comes
+after ``PYTHONPATH`` on ``sys.path``, so the copy wins).
+
+The exit status is 0 only if every mutation selected was KILLED (or SKIPPED). ``--check`` only verifies that every snippet
+occurs exactly once in the live checkout and that every test file exists (fast; ``tests/test_mutate.py`` runs
+it). ``--baseline`` first runs every selection on an unmutated copy: a KILLED means something only if those
+tests pass without the mutation.
+
+    python scripts/mutate.py --list
+    python scripts/mutate.py --check
+    python scripts/mutate.py                       # all, one at a time
+    python scripts/mutate.py --only weight_sync --only ppo_clip --baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest selectors: files or node ids
+    why: str  # what the mutation breaks
+    k: str | None = None  # pytest -k expression
+    only_if: str | None = None  # Python expression, evaluated in the mutated copy: false -> SKIPPED here
+
+    def pytest_args(self) -> list[str]:
+        return [*self.tests, *(["-k", self.k] if self.k else [])]
+
+
+MECH = "tests/test_rl_mechanisms.py"
+LOOP = "tests/test_clip.py"
+
+MUTATIONS: list[Mutation] = [
+    # ---------------------------------------------------------------- online RL: rollouts and the engine
+    Mutation("weight_sync", "alignkit/rl/trainer.py",
+             "self.collector.engine.update_weights(policy)", "pass",
+             (MECH,), "the rollout engine never gets the trained weights (bf16 copy stays at the initial model)",
+             k="current_policy_weights or bf16_rollouts_learn"),
+    Mutation("prepacked_refresh", "alignkit/rl/rollout.py",
+             "for name, layer in self._packed.items():", "for name, layer in {}.items():",
+             (MECH,), "update_weights refreshes the bf16 copy's parameters but not its prepacked linears",
+             k="current_policy_weights",
+             only_if="__import__('alignkit.models.prepacked').models.prepacked.prepack_available()"),
+    # ---------------------------------------------------------------- online RL: the policy loss's inputs
+    Mutation("old_logp_detach", "alignkit/rl/trainer.py",
+             'old = logp.detach() if rows[0].extra.get("fresh")', 'old = logp if rows[0].extra.get("fresh")',
+             (MECH,), "on-policy steps differentiate through the old log-probs: the ratio's gradient is 0",
+             k="bf16_rollouts_learn"),
+    Mutation("old_is_current", "alignkit/rl/trainer.py",
+             'old = logp.detach() if rows[0].extra.get("fresh") else fw.bt(cat("old"))', "old = logp.detach()",
+             (MECH,), "every update uses the current log-probs as the old ones: ratio 1, nothing ever clipped",
+             k="later_updates"),
+    Mutation("fresh_always", "alignkit/rl/trainer.py",
+             'r.extra["fresh"] = u == 0', 'r.extra["fresh"] = True',
+             (MECH,), "every update of a rollout is treated as its first (on-policy): PPO's trust region is gone",
+             k="later_updates"),
+    Mutation("reference_is_policy", "alignkit/rl/trainer.py",
+             "ctx, net = contextlib.nullcontext(), self.reference", "ctx, net = contextlib.nullcontext(), policy",
+             (MECH,), "reference log-probs come from the rollout's policy instead of the initial weights",
+             k="kl_is_measured"),
+    Mutation("reference_dropped", "alignkit/rl/trainer.py",
+             '_split(mb, "ref", self._reference_logps(model, mb))', '_split(mb, "ref", 0 * self._reference_logps(model, mb))',
+             (MECH,), "the reference model's log-probs are replaced by zeros", k="kl_is_measured"),
+    Mutation("kl_term", "alignkit/rl/objective.py",
+             "losses = losses + obj.kl_coef * kl_BT", "losses = losses",
+             ("tests/test_rl_objective.py",), "kl_in='loss' adds no KL penalty to the policy loss",
+             k="k3_in_loss_converges"),
+    Mutation("grpo_group_mean", "alignkit/rl/advantages.py",
+             "(rewards_BG - mean) / (var.sqrt() + eps)", "rewards_BG / (var.sqrt() + eps)",
+             ("tests/test_rl_losses.py",), "GRPO's advantage does not subtract the group mean",
+             k="group_advantages"),
+    Mutation("ppo_clip", "alignkit/losses/policy.py",
+             "clipped = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv", "clipped = -ratio * adv",
+             ("tests/test_rl_losses.py",), "the PPO surrogate is not clipped", k="ppo_clip_golden"),
+    Mutation("k3_direction", "alignkit/losses/policy.py",
+             "return torch.expm1(-lr) + lr", "return torch.expm1(lr) - lr",
+             ("tests/test_rl_losses.py",), "k3 estimates KL(ref || pi) instead of KL(pi || ref)", k="kl_golden"),
+    Mutation("token_mean_per_micro_batch", "alignkit/losses/policy.py",
+             "return (loss_BT * mask_BT.to(loss_BT.dtype)).sum() / step_normaliser",
+             "return (loss_BT * mask_BT.to(loss_BT.dtype)).sum() / mask_BT.sum().clamp_min(1)",
+             ("tests/test_rl_losses.py",), "token_mean divides by the micro-batch's tokens, not the step's",
+             k="micro_batch_split"),
+    # ---------------------------------------------------------------- the training loop
+    Mutation("global_normaliser", "alignkit/train/loop.py",
+             "task.loss(model, mb, normaliser)", "task.loss(model, mb, 1.0)",
+             (LOOP,), "the loss is not divided by the step's global weight (token or pair count)",
+             k="loop_step"),
+    Mutation("grad_clip_loop", "alignkit/train/loop.py",
+             "clip_and_step(optimizer, params, cfg.max_grad_norm)", "clip_and_step(optimizer, params, 0.0)",
+             (LOOP,), "the loop never clips the gradient norm (max_grad_norm ignored)", k="loop_step"),
+    Mutation("grad_clip_fn", "alignkit/train/loop.py",
+             "coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else None", "coef = None",
+             (LOOP,), "clip_and_step steps without clipping", k="clip_and_step_is_clip_grad_norm"),
+    Mutation("zero_grad", "alignkit/train/loop.py",
+             "optimizer.zero_grad(set_to_none=True)", "pass",
+             (LOOP,), "gradients of earlier steps are added into every later step", k="loop_step"),
+    # ---------------------------------------------------------------- SFT
+    Mutation("sft_prompt_in_loss", "alignkit/data/collate.py",
+             "[False] * len(row.prompt) + response_mask(row, response)",
+             "[True] * len(row.prompt) + response_mask(row, response)",
+             (LOOP,), "prompt tokens are scored: the SFT loss is not masked to the response", k="loop_step"),
+    Mutation("sft_micro_batch_mean", "alignkit/recipes/sft.py",
+             'return nll / normaliser, {"loss": (nll.item(), n)}', 'return nll / n, {"loss": (nll.item(), n)}',
+             ("tests/test_equivalence.py::test_accumulation_equals_whole_batch[sft]",),
+             "SFT divides by the micro-batch's response tokens instead of the step's"),
+    # ---------------------------------------------------------------- preference losses
+    Mutation("dpo_swap", "alignkit/losses/preference.py",
+             "losses_B = -F.logsigmoid(beta * (rho_w_B - rho_l_B))",
+             "losses_B = -F.logsigmoid(beta * (rho_l_B - rho_w_B))",
+             ("tests/test_losses_golden.py",), "DPO prefers the rejected response", k="dpo_golden"),
+    Mutation("dpo_beta", "alignkit/losses/preference.py",
+             "losses_B = -F.logsigmoid(beta * (rho_w_B - rho_l_B))", "losses_B = -F.logsigmoid(rho_w_B - rho_l_B)",
+             ("tests/test_losses_golden.py",), "DPO ignores beta in the loss", k="dpo_golden"),
+    Mutation("cdpo_smoothing_sign", "alignkit/losses/preference.py",
+             "losses_B = (1 - label_smoothing) * clean_B + label_smoothing * flipped_B",
+             "losses_B = (1 - label_smoothing) * clean_B - label_smoothing * flipped_B",
+             ("tests/test_losses_golden.py",), "cDPO's label smoothing pushes away from 1/2", k="cdpo_golden"),
+    Mutation("dpo_micro_batch_mean", "alignkit/recipes/dpo.py",
+             "return total / normaliser, metrics", "return total / len(rows), metrics",
+             ("tests/test_equivalence.py::test_accumulation_equals_whole_batch[dpo]",),
+             "DPO divides by the micro-batch's pairs instead of the step's"),
+    Mutation("dpo_reference_zero", "alignkit/recipes/dpo.py",
+             "return response_logps(net, rows, n_resp, self.pad_id, self.chunk, self.shared)[0]",
+             "return torch.zeros(len(rows), len(n_resp))",
+             ("tests/test_equivalence.py::test_first_step_policy_equals_reference",),
+             "DPO's reference log-probs are zeros (no reference model)"),
+]
+
+
+# --------------------------------------------------------------------------------------------- machinery
+
+SKIP = 77  # exit status of a test run whose only_if was false
+
+# A pytest plugin written into each copy: before anything is collected it imports the mutated module and stops
+# the run (exit status 4) unless Python took it from the copy; it then evaluates the mutation's only_if.
+PLUGIN = f"""
+import importlib, os
+from pathlib import Path
+
+import pytest
+
+
+def pytest_sessionstart(session):
+    name, want = os.environ["MUTATION_MODULE"], Path(os.environ["MUTATION_FILE"]).resolve()
+    got = Path(importlib.import_module(name).__file__).resolve()
+    if got != want:
+        raise pytest.UsageError(f"mutation check: {{name}} was imported from {{got}}, not from {{want}}")
+    print(f"mutation check: {{name}} imported from {{got}}")
+    cond = os.environ.get("MUTATION_ONLY_IF")
+    if cond and not eval(cond):
+        pytest.exit(f"mutation check: only_if is false here: {{cond}}", returncode={SKIP})
+"""
+
+
+def source_files(root: Path) -> list[str]:
+    """Tracked files and untracked ones git does not ignore (the working tree as it is now)."""
+    out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         check=True, capture_output=True).stdout.decode()
+    return sorted({p for p in out.split("\0") if p and (root / p).is_file()})
+
+
+def copy_tree(root: Path, dest: Path) -> None:
+    for rel in source_files(root):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+    (dest / "_mutation_check.py").write_text(PLUGIN)
+
+
+def occurrences(m: Mutation, root: Path = ROOT) -> int:
+    path = root / m.file
+    return path.read_text().count(m.old) if path.is_file() else 0
+
+
+def module_of(file: str) -> tuple[str, str]:
+    """The module to check the import of, and its file: the mutated module, or ``alignkit`` for other files."""
+    if not file.startswith("alignkit/") or not file.endswith(".py"):
+        return "alignkit", "alignkit/__init__.py"
+    mod = file[: -len(".py")].replace("/", ".")
+    return (mod[: -len(".__init__")] if mod.endswith(".__init__") else mod), file
+
+
+def run_tests(copy: Path, m: Mutation | None, args: list[str], timeout: float, log: Path) -> tuple[int | None, str]:
+    """``python -m pytest -x`` on ``args`` inside ``copy``, importing the copy's alignkit (checked by the plugin).
+    Returns the exit status (None on a timeout) and the output."""
+    module, file = module_of(m.file) if m else ("alignkit", "alignkit/__init__.py")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(PYTHONDONTWRITEBYTECODE="1", MUTATION_MODULE=module, MUTATION_FILE=str(copy / file))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("MUTATION_ONLY_IF", None)
+    if m is not None and m.only_if:
+        env["MUTATION_ONLY_IF"] = m.only_if
+    cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "_mutation_check", "-o", "addopts=",
+           "-q", *args]
+    try:
+        p = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        log.write_text(out)
+        return None, out
+    log.write_text(p.stdout + p.stderr)
+    return p.returncode, p.stdout + p.stderr
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str
+    seconds: float
+    detail: str = ""
+
+
+def tail(text: str, n: int = 12) -> str:
+    return "\n".join("    " + line for line in text.strip().splitlines()[-n:])
+
+
+def mutate_and_test(m: Mutation, timeout: float, logs: Path, keep: bool) -> Outcome:
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=f"mutate-{m.name}-"))
+    copy = work / "repo"
+    try:
+        copy_tree(ROOT, copy)
+        path = copy / m.file
+        text = path.read_text() if path.is_file() else ""
+        n = text.count(m.old)
+        if n != 1:
+            return Outcome(m.name, "NOT APPLIED", time.perf_counter() - t0, f"snippet found {n} times in {m.file}")
+        path.write_text(text.replace(m.old, m.new))
+        rc, out = run_tests(copy, m, m.pytest_args(), timeout, logs / f"{m.name}.log")
+        dt = time.perf_counter() - t0
+        if rc is None:
+            return Outcome(m.name, "KILLED", dt, f"timed out after {timeout:.0f} s")
+        if "mutation check: " not in out:
+            return Outcome(m.name, "ERROR", dt, "the import check did not run\n" + tail(out))
+        if rc == 1:
+            failed = [ln.split(" ")[1] for ln in out.splitlines() if ln.startswith("FAILED ")]
+            return Outcome(m.name, "KILLED", dt, failed[0] if failed else "")
+        if rc == 0:
+            return Outcome(m.name, "SURVIVED", dt, "\n" + tail(out))
+        if rc == SKIP:
+            return Outcome(m.name, "SKIPPED", dt, f"only_if is false on this machine: {m.only_if}")
+        return Outcome(m.name, "ERROR", dt, f"pytest exit status {rc}\n" + tail(out))
+    finally:
+        if keep:
+            print(f"kept {copy}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def baseline(selected: list[Mutation], timeout: float, logs: Path) -> list[Outcome]:
+    """Run each distinct selection once on an unmutated copy; they must all pass."""
+    work = Path(tempfile.mkdtemp(prefix="mutate-baseline-"))
+    copy = work / "repo"
+    out = []
+    try:
+        copy_tree(ROOT, copy)
+        seen: dict[tuple, str] = {}
+        for m in selected:
+            seen.setdefault(tuple(m.pytest_args()), m.name)
+        for i, (args, first) in enumerate(seen.items()):
+            t0 = time.perf_counter()
+            rc, text = run_tests(copy, None, list(args), timeout, logs / f"baseline-{i}.log")
+            ok = rc == 0 and "mutation check: " in text
+            out.append(Outcome(f"baseline:{first}", "PASSED" if ok else "FAILED", time.perf_counter() - t0,
+                               " ".join(args) + ("" if ok else "\n" + tail(text))))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def table(rows: list[Outcome], mutations: dict[str, Mutation]) -> str:
+    head = f"{'mutation':<28} {'result':<11} {'time':>7}  killed by / detail"
+    lines = [head, "-" * len(head)]
+    for o in rows:
+        m = mutations.get(o.name)
+        where = " ".join(m.pytest_args()) if m else ""
+        detail = o.detail if o.detail and o.status != "KILLED" else (o.detail or where)
+        lines.append(f"{o.name:<28} {o.status:<11} {o.seconds:6.1f}s  {detail}")
+    return "\n".join(lines)
+
+
+def check(selected: list[Mutation]) -> int:
+    bad = 0
+    names = [m.name for m in MUTATIONS]
+    if len(set(names)) != len(names):
+        print("duplicate mutation names")
+        bad += 1
+    for m in selected:
+        n = occurrences(m)
+        problems = []
+        if n != 1:
+            problems.append(f"snippet found {n} times in {m.file}")
+        if m.old == m.new:
+            problems.append("replacement equals the snippet")
+        for t in m.tests:
+            if not (ROOT / t.split("::")[0]).is_file():
+                problems.append(f"no test file {t.split('::')[0]}")
+        print(f"{m.name:<28} {'OK' if not problems else 'NOT APPLIED'}  {'; '.join(problems)}")
+        bad += bool(problems)
+    print(f"{len(selected) - bad} of {len(selected)} mutations apply exactly once")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--check", action="store_true", help="only check that every snippet occurs exactly once")
+    ap.add_argument("--only", action="append", default=[], help="run only this mutation (repeatable, or a,b,c)")
+    ap.add_argument("--jobs", type=int, default=1, help="mutations run at the same time (default 1)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per test run (default 600)")
+    ap.add_argument("--baseline", action="store_true", help="first run every selection without mutations")
+    ap.add_argument("--keep", action="store_true", help="keep the mutated copies")
+    ap.add_argument("--logs", type=Path, default=None, help="directory for each run's pytest output")
+    args = ap.parse_args(argv)
+
+    by_name = {m.name: m for m in MUTATIONS}
+    wanted = [n for item in args.only for n in item.split(",") if n]
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        print(f"unknown mutation(s): {', '.join(unknown)}; --list shows them", file=sys.stderr)
+        return 2
+    selected = [by_name[n] for n in wanted] if wanted else list(MUTATIONS)
+
+    if args.list:
+        for m in selected:
+            print(f"{m.name:<28} {m.file:<32} {m.why}\n{'':<28} tests: {' '.join(m.pytest_args())}")
+        return 0
+    if args.check:
+        return check(selected)
+
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="mutate-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.baseline:
+        base = baseline(selected, args.timeout, logs)
+        for o in base:
+            print(f"{o.name:<36} {o.status:<7} {o.seconds:6.1f}s  {o.detail}", flush=True)
+        if any(o.status != "PASSED" for o in base):
+            print("baseline failed: the selected tests do not pass without mutations", file=sys.stderr)
+            return 1
+
+    def one(m: Mutation) -> Outcome:
+        o = mutate_and_test(m, args.timeout, logs, args.keep)
+        print(f"{o.name:<28} {o.status:<11} {o.seconds:6.1f}s", flush=True)
+        return o
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(one, selected))
+    print()
+    print(table(results, by_name))
+    counts = {s: sum(o.status == s for o in results) for s in ("KILLED", "SKIPPED", "SURVIVED", "NOT APPLIED", "ERROR")}
+    others = ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if k != "KILLED" and v)
+    print(f"\n{counts['KILLED']} of {len(results)} killed{'; ' + others if others else ''} "
+          f"({time.perf_counter() - t0:.0f} s; logs in {logs})")
+    return 0 if counts["KILLED"] + counts["SKIPPED"] == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
