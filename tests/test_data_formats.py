@@ -134,6 +134,16 @@ def test_csv_with_json_messages_column(tmp_path):
     assert ex.origin == Origin(str(path), 2, 0)
 
 
+def test_csv_json_cells_python_cannot_read_stay_text(tmp_path):
+    path = tmp_path / "kto.csv"
+    deep = "[" * 50_000 + "]" * 50_000  # under csv's default field limit, over the recursion limit
+    path.write_text(f"prompt,completion,label\np,a,{'1' * 5000}\n{deep},b,1\n")
+    loaded = load_examples(str(path), "unpaired", skip_invalid=True)
+    [skipped] = loaded.skipped
+    assert skipped.startswith(f"{path}:2: field 'label': expected a boolean") and "found string" in skipped
+    assert [ex.prompt for ex in loaded.examples] == [deep]
+
+
 def test_csv_label_and_margin_cells(tmp_path):
     path = tmp_path / "kto.csv"
     path.write_text("prompt,completion,label\np,a,true\np,b,0\np,c,yes\n")
@@ -176,6 +186,16 @@ def test_json_array_syntax_error_names_its_line(tmp_path):
     path.write_text('[{"text": "a"}\n {"text": "b"}]')
     with pytest.raises(DataError, match=r"data\.json:2: malformed JSON: expected ',' or ']'"):
         list(read_rows(str(path)))
+
+
+def test_json_array_values_python_cannot_read_name_their_line(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"text": "a"},\n  {"text": ' + "1" * 4400 + '}\n]')
+    with pytest.raises(DataError, match=r"data\.json:3: malformed JSON: an integer has more than 4300 digits"):
+        load_examples(str(path), "sft")
+    path.write_text('[{"text": "a"},\n' + "[" * 100_000 + "]" * 100_000 + "]")
+    with pytest.raises(DataError, match=r"data\.json:2: malformed JSON: arrays or objects nested too deeply"):
+        load_examples(str(path), "sft")
 
 
 def test_json_lines_in_a_json_file(tmp_path):
@@ -290,6 +310,19 @@ def test_bad_row_names_file_line_and_field(tmp_path, kind, row, field, words):
 
     loaded = load_examples(path, kind, skip_invalid=True)
     assert (loaded.n_rows, loaded.n_skipped, loaded.skipped) == (3, 1, [str(err.value)])
+
+
+@pytest.mark.parametrize("line,words", [
+    ('{"text": ' + "9" * 5000 + "}", "malformed JSON: an integer has more than 4300 digits"),
+    ("[" * 100_000, "malformed JSON: arrays or objects nested too deeply"),
+], ids=["long-integer", "deep-nesting"])
+def test_json_python_cannot_read_is_a_bad_row(tmp_path, line, words):
+    """json.loads raises ValueError or RecursionError here, not JSONDecodeError."""
+    path = write_jsonl(tmp_path, [GOOD["sft"], "", line, GOOD["sft"]])
+    with pytest.raises(DataError) as err:
+        load_examples(path, "sft")
+    assert str(err.value) == f"{path}:3: {words}"
+    assert load_examples(path, "sft", skip_invalid=True).n_skipped == 1
 
 
 def test_skip_invalid_counts_and_keeps_the_first_messages(tmp_path):

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -218,7 +219,7 @@ def _json_lines(path: str, lines: Iterable[str], hint: str = "") -> _Rows:
         row += 1
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except _JSON_ERRORS as exc:
             yield origin, origin.error(f"malformed JSON: {_json_problem(exc)}{hint}")
             continue
         yield origin, _as_object(origin, value)
@@ -246,8 +247,9 @@ def _json_array(path: str, text: str) -> _Rows:
             origin = Origin(path, line_at(pos), row)
             try:
                 value, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON: {_json_problem(exc)}", path=path, line=exc.lineno) from None
+            except _JSON_ERRORS as exc:
+                where = exc.lineno if isinstance(exc, json.JSONDecodeError) else line_at(pos)
+                raise DataError(f"malformed JSON: {_json_problem(exc)}", path=path, line=where) from None
             yield origin, _as_object(origin, value)
             pos = skip_space(pos)
             if text.startswith(",", pos):
@@ -262,8 +264,17 @@ def _json_array(path: str, text: str) -> _Rows:
         raise DataError("malformed JSON: unexpected content after the array", path=path, line=line_at(pos))
 
 
-def _json_problem(exc: json.JSONDecodeError) -> str:
-    return f"{exc.msg.removesuffix(' at')} (column {exc.colno})"
+# Besides JSONDecodeError, json raises ValueError for an integer too long to convert and RecursionError for
+# arrays or objects nested deeper than the interpreter's recursion limit.
+_JSON_ERRORS = (ValueError, RecursionError)
+
+
+def _json_problem(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg.removesuffix(' at')} (column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nested too deeply"
+    return f"an integer has more than {sys.get_int_max_str_digits()} digits"
 
 
 def _as_object(origin: Origin, value: Any) -> dict | DataError:
@@ -294,7 +305,7 @@ def _csv_cell(key: str, value: str | None) -> Any:
     if typed or (stripped.startswith("[") and stripped.endswith("]")):
         try:
             parsed = json.loads(stripped.lower() if typed else stripped)
-        except json.JSONDecodeError:
+        except _JSON_ERRORS:
             return value
         if typed or isinstance(parsed, list):
             return parsed
