@@ -134,6 +134,21 @@ def test_csv_with_json_messages_column(tmp_path):
     assert ex.origin == Origin(str(path), 2, 0)
 
 
+def test_csv_cells_over_128_kib_are_read(tmp_path):
+    path = tmp_path / "big.csv"  # csv's default field_size_limit is 131072 characters
+    path.write_text('prompt,completion\np,"' + "x" * 300_000 + '"\n')
+    [ex] = load_examples(str(path), "sft").examples
+    assert len(ex.completion) == 300_000
+
+
+def test_csv_row_spanning_lines_is_located_where_it_starts(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('text,n\n"a\nb\nc",1\n\n"x\ny",2\n,3\n')
+    loaded = load_examples(str(path), "sft", skip_invalid=True)
+    assert [(e.text, e.origin.line, e.origin.row) for e in loaded.examples] == [("a\nb\nc", 2, 0), ("x\ny", 6, 1)]
+    assert [msg.split(": ")[0] for msg in loaded.skipped] == [f"{path}:8"]  # "no recognised sft format"
+
+
 def test_csv_json_cells_python_cannot_read_stay_text(tmp_path):
     path = tmp_path / "kto.csv"
     deep = "[" * 50_000 + "]" * 50_000  # under csv's default field limit, over the recursion limit

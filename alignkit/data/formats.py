@@ -283,18 +283,41 @@ def _as_object(origin: Origin, value: Any) -> dict | DataError:
     return origin.error(f"expected a JSON object per row, found {_found(value)}")
 
 
+# csv refuses fields over 128 KiB by default; JSON lines have no such limit, so neither do CSV files here.
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def _read_csv(path: str) -> _Rows:
-    """CSV with a header line (line 1). Empty cells are null; cells that look like JSON lists (e.g. messages)
-    are parsed; ``label`` and ``margin`` cells are read as JSON scalars (true, 0, 0.5) when they parse."""
+    """CSV with a header (the first non-blank line); blank lines are skipped. A row is located at the line
+    where it starts (a quoted cell may span lines). Empty cells are null; cells that look like JSON lists
+    (e.g. messages) are parsed; ``label`` and ``margin`` cells are read as JSON scalars (true, 0, 0.5) when
+    they parse. When a column name repeats, its last cell wins (as for a repeated key in JSON)."""
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
     with _reading(path), open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        for row, cells in enumerate(reader):
-            origin = Origin(path, reader.line_num, row)
-            if None in cells:
-                n = len(reader.fieldnames) + len(cells[None])
-                yield origin, origin.error(f"row has {n} cells but the header has {len(reader.fieldnames)} columns")
+        reader = csv.reader(f)
+        header: list[str] | None = None
+        row = 0
+        while True:
+            start = reader.line_num + 1  # where the next row starts
+            try:
+                cells = next(reader, None)
+            except csv.Error as exc:  # the reader cannot go on after this
+                raise DataError(f"malformed CSV: {exc}", path=path, line=start) from None
+            if cells is None:
+                return
+            if not cells:  # a blank line
                 continue
-            yield origin, {key: _csv_cell(key, value) for key, value in cells.items()}
+            if header is None:
+                header = cells
+                continue
+            origin = Origin(path, start, row)
+            row += 1
+            if len(cells) > len(header):
+                yield origin, origin.error(f"row has {len(cells)} cells but the header has {len(header)} columns")
+                continue
+            values = dict(itertools.zip_longest(header, cells))  # missing trailing cells are null
+            yield origin, {key: _csv_cell(key, value) for key, value in values.items()}
 
 
 def _csv_cell(key: str, value: str | None) -> Any:
