@@ -249,6 +249,19 @@ def test_unreadable_sources_are_errors_even_when_skipping(tmp_path):
         load_examples(str(tmp_path / "bad.parquet"), "sft")
 
 
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json", "data.csv"])
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path, name):
+    header = "text\r\n" if name.endswith(".csv") else ""
+    rows = [b'"fine"' if name.endswith(".csv") else b'{"text": "fine"}'] * 3
+    rows[2] = rows[2].replace(b"fine", b"f\xe9e")  # Latin-1, not UTF-8
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + header.encode() + b"\r\n".join(rows) + b"\r\n")
+    with pytest.raises(DataError) as err:
+        load_examples(str(tmp_path / name), "sft")
+    line = 3 + bool(header)
+    assert str(err.value).startswith(f"{tmp_path / name}:{line}: not UTF-8 text: invalid continuation byte")
+    assert "bytes e9" in str(err.value) and err.value.line == line
+
+
 def test_empty_file(tmp_path):
     path = write_jsonl(tmp_path, ["", "  "])
     with pytest.raises(DataError, match=r"data\.jsonl: no rows"):

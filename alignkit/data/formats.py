@@ -185,13 +185,29 @@ def _scan(source: str) -> _Rows:
 
 @contextmanager
 def _reading(path: str):
-    """Turn failures to open or decode a file into a DataError naming it."""
+    """Turn failures to open or decode a file into a DataError naming it (and the line of a byte that is
+    not UTF-8)."""
     try:
         yield
     except UnicodeDecodeError as exc:
-        raise DataError(f"cannot read file: not UTF-8 text ({exc})", path=path) from exc
+        raise _not_utf8(path, exc) from exc
     except OSError as exc:
         raise DataError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
+
+
+def _not_utf8(path: str, exc: UnicodeDecodeError) -> DataError:
+    """The decoder only knows an offset in its current chunk, so find the first bad byte in the whole file;
+    its line is counted as the readers count lines (``\r\n``, ``\r`` or ``\n``)."""
+    try:
+        data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+        data.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        line = 1 + len(re.findall(rb"\r\n|\r|\n", data[: whole.start]))
+        bad = data[whole.start : whole.end].hex(" ")
+        return DataError(f"not UTF-8 text: {whole.reason} (bytes {bad})", path=path, line=line)
+    except OSError:
+        pass
+    return DataError(f"cannot read file: not UTF-8 text ({exc})", path=path)
 
 
 def _read_jsonl(path: str) -> _Rows:
