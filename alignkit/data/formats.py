@@ -404,11 +404,18 @@ def _found(value: Any) -> str:
     return f"an empty {name}" if value in ([], {}) else name
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _string(value: Any, field: str, *, response: bool = False) -> str:
     if not isinstance(value, str):
         raise _RowError(field, f"expected a string, found {_found(value)}")
     if response and not value.strip():
         raise _RowError(field, "empty response: expected non-blank text")
+    bad = _SURROGATE.search(value)
+    if bad:  # only a JSON escape such as "\ud800" without its pair gets here; tokenizers reject it
+        message = f"not valid Unicode: a lone surrogate {bad.group()!r} at character {bad.start()}"
+        raise _RowError(field, f"{message} (a JSON \\u escape of half a pair)")
     return value
 
 
