@@ -262,6 +262,20 @@ def test_bytes_that_are_not_utf8_name_their_line(tmp_path, name):
     assert "bytes e9" in str(err.value) and err.value.line == line
 
 
+def test_parquet_values_python_cannot_hold_name_row_and_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "data.parquet")
+    days = pa.array([0, 2**31 - 1, 1], pa.int32()).cast(pa.date32())  # day 2**31 - 1 is past datetime.MAXYEAR
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "when": days}), path)
+    with pytest.raises(DataError) as err:
+        load_examples(path, "prompt")
+    assert str(err.value).startswith(f"{path} row 1: field 'when': cannot convert the date32[day] value")
+    loaded = load_examples(path, "prompt", skip_invalid=True)
+    assert [(ex.prompt, ex.origin.row) for ex in loaded.examples] == [("a", 0), ("c", 2)]
+
+
 def test_empty_file(tmp_path):
     path = write_jsonl(tmp_path, ["", "  "])
     with pytest.raises(DataError, match=r"data\.jsonl: no rows"):

@@ -359,11 +359,28 @@ def _read_parquet(path: str) -> _Rows:
     with _reading(path):
         try:
             for batch in pq.ParquetFile(path).iter_batches():
-                for value in batch.to_pylist():
+                try:
+                    values = batch.to_pylist()
+                except (ValueError, OverflowError, pa.ArrowException):  # e.g. a date Python cannot hold
+                    values = [_parquet_row(batch, i, Origin(path, None, row + i)) for i in range(batch.num_rows)]
+                for value in values:
                     yield Origin(path, None, row), value
                     row += 1
         except pa.ArrowException as exc:
             raise DataError(f"cannot read Parquet file: {exc}", path=path) from exc
+
+
+def _parquet_row(batch, i: int, origin: Origin) -> dict | DataError:
+    """Row ``i`` of a batch that did not convert as a whole: the row, or an error naming its bad column."""
+    import pyarrow as pa
+
+    row = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            row[name] = column[i].as_py()
+        except (ValueError, OverflowError, pa.ArrowException) as exc:
+            return origin.error(f"cannot convert the {column.type} value to Python: {exc}", name)
+    return row
 
 
 def _read_hub(source: str) -> _Rows:
