@@ -11,6 +11,7 @@ holds another run's files unless told ``resume=true`` (continue it) or ``overwri
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from alignkit.errors import ConfigError
@@ -118,13 +120,16 @@ def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict 
     ``settings`` the run's :func:`run_settings`.
 
     Written into a temporary directory and renamed into place, so a crash or a full disk never leaves a
-    half-written checkpoint that :func:`list_checkpoints` would take; on an ``OSError`` the partial directory is
-    removed and the error says which checkpoint is still the newest.
+    half-written checkpoint that :func:`list_checkpoints` would take. A failed write (a full disk is an
+    ``OSError`` from Python, a ``RuntimeError`` from ``torch.save``, a ``SafetensorError`` from safetensors) removes
+    the partial directory and raises an ``OSError`` saying what happened and which checkpoint is still the newest.
+    ``.tmp-*`` directories left by a process killed while writing are removed first (only the main process writes).
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir()
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -137,16 +142,35 @@ def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict 
         if settings is not None:
             state.update(settings=settings, settings_hash=settings_hash(settings))
         (tmp / "state.json").write_text(json.dumps(state, default=str))
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None and shutil.disk_usage(root).free < 2**20:  # torch and safetensors keep no errno
+            code = errno.ENOSPC
+        reason = (e.strerror if isinstance(e, OSError) else None) or str(e)
+        if code == errno.ENOSPC and os.strerror(code) not in reason:
+            reason = f"{os.strerror(code)} ({reason})"
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(root)
-        kept = f"the newest complete checkpoint is still {previous[-1]}" if previous else "no earlier checkpoint exists"
-        raise OSError(e.errno, f"could not write checkpoint {final}: {e.strerror or e}; {kept}") from e
-    shutil.rmtree(final, ignore_errors=True)
+        kept = (f"the newest complete checkpoint is still {previous[-1]}: fix that and run the same command with "
+                f"resume=true to continue from it" if previous else "no earlier checkpoint exists")
+        raise OSError(code or errno.EIO, f"could not write checkpoint {final}: {reason}; {kept}") from e
+    if final.exists():
+        _remove(final)
     os.replace(tmp, final)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory: renamed to ``.tmp-*`` first, so a kill while deleting leaves no ``step-*``
+    directory missing files (with its state.json it would still be listed), only one that the next save removes."""
+    trash = path.with_name(f".tmp-old-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
