@@ -1,7 +1,8 @@
 """``alignkit <method> [--config FILE.yaml] [key=value ...]`` and ``alignkit data fetch NAME``.
 
 Exit codes: 0 success, 2 bad input or config (the message names the file, line or key; no traceback),
-1 a run that diverged (non-finite steps, no final model written) or any other failure, 128 + the signal's number
+1 a run that diverged (non-finite steps, no final model written), a checkpoint that could not be written (the
+message names the newest intact one) or any other failure, 128 + the signal's number
 when SIGTERM (143) or Ctrl-C (130) stopped a run after writing a checkpoint.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from alignkit import __version__
 from alignkit.config import DPOConfig, EvalConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
-from alignkit.errors import Stopped, TrainingDiverged, UserError
+from alignkit.errors import CheckpointError, Stopped, TrainingDiverged, UserError
 
 METHODS = {
     "sft": (SFTConfig, "alignkit.recipes.sft", "Supervised fine-tuning on text, messages or prompt/completion rows."),
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:
         print(f"alignkit: {e}", file=sys.stderr)
         return 128 + int(e.signum)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointError) as e:
         print(f"alignkit: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

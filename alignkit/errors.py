@@ -34,3 +34,8 @@ class Stopped(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount). The message says why and which checkpoint
+    is still the newest complete one; the CLI prints it (no traceback) and exits with code 1."""

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from alignkit.errors import ConfigError
+from alignkit.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict 
     Written into a temporary directory and renamed into place, so a crash or a full disk never leaves a
     half-written checkpoint that :func:`list_checkpoints` would take. A failed write (a full disk is an
     ``OSError`` from Python, a ``RuntimeError`` from ``torch.save``, a ``SafetensorError`` from safetensors) removes
-    the partial directory and raises an ``OSError`` saying what happened and which checkpoint is still the newest.
+    the partial directory and raises a :class:`~alignkit.errors.CheckpointError` (an ``OSError``) saying what
+    happened and which checkpoint is still the newest.
     ``.tmp-*`` directories left by a process killed while writing are removed first (only the main process writes).
     """
     root.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,7 @@ def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict 
         previous = list_checkpoints(root)
         kept = (f"the newest complete checkpoint is still {previous[-1]}: fix that and run the same command with "
                 f"resume=true to continue from it" if previous else "no earlier checkpoint exists")
-        raise OSError(code or errno.EIO, f"could not write checkpoint {final}: {reason}; {kept}") from e
+        raise CheckpointError(code or errno.EIO, f"could not write checkpoint {final}: {reason}; {kept}") from e
     if final.exists():
         _remove(final)
     os.replace(tmp, final)
