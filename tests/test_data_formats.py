@@ -311,6 +311,7 @@ BAD_ROWS = [  # (kind, row on line 3, field named or None, words the message mus
     ("prompt", {"prompt": 3}, "prompt", "found integer 3"),
     ("sft", {"text": ["a"]}, "text", "expected a string, found list"),
     ("sft", {"text": "a\ud800b"}, "text", "lone surrogate '\\ud800' at character 1"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 10**400}, "margin", "found integer"),
     ("sft", {"messages": [user("\udc00"), assistant("a")]}, "messages[0].content", "lone surrogate"),
     ("sft", {"prompt": "p", "completion": "  \n"}, "completion", "empty response"),
     ("preference", {"prompt": "p", "chosen": "", "rejected": "b"}, "chosen", "empty response"),

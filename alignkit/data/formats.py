@@ -491,9 +491,13 @@ def _distinct(chosen: Text, rejected: Text) -> None:
 def _margin(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:  # float() of an integer past 1.8e308 raises OverflowError
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
         raise _RowError("margin", f"expected a finite number, found {_found(value)}")
-    return float(value)
+    return number
 
 
 def _label(value: Any) -> bool:
