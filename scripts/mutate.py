@@ -212,8 +212,35 @@ def module_of(file: str) -> tuple[str, str]:
     return (mod[: -len(".__init__")] if mod.endswith(".__init__") else mod), file
 
 
+# Third-party modules imported once by a fork server; each test run is a fork of it (``--no-preload``: a fresh
+# ``python -m pytest`` instead). Importing torch and transformers is most of a small test run's time, and
+# nothing of alignkit is imported before the fork, so the mutated copy is still the one a run imports.
+PRELOAD = ["numpy", "torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "safetensors.torch",
+           "yaml", "pytest", "_pytest.python"]
+_preload = {"on": True, "ctx": None}
+
+
+def _pytest_child(copy: str, env: dict, args: list[str], log: str) -> None:
+    """A forked test run: output to ``log``, the environment and working directory of the copy, then pytest."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(copy)
+    sys.path.insert(0, copy)
+    sys.dont_write_bytecode = True
+    sys.argv = ["pytest"]
+    import pytest
+
+    rc = int(pytest.main(args))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    raise SystemExit(rc)  # multiprocessing then runs its finalizers (semaphores made by the tests) and exits with rc
+
+
 def run_tests(copy: Path, m: Mutation | None, args: list[str], timeout: float, log: Path) -> tuple[int | None, str]:
-    """``python -m pytest -x`` on ``args`` inside ``copy``, importing the copy's alignkit (checked by the plugin).
+    """``pytest -x`` on ``args`` inside ``copy``, importing the copy's alignkit (checked by the plugin).
     Returns the exit status (None on a timeout) and the output."""
     module, file = module_of(m.file) if m else ("alignkit", "alignkit/__init__.py")
     env = dict(os.environ)
@@ -223,8 +250,23 @@ def run_tests(copy: Path, m: Mutation | None, args: list[str], timeout: float, l
     env.pop("MUTATION_ONLY_IF", None)
     if m is not None and m.only_if:
         env["MUTATION_ONLY_IF"] = m.only_if
-    cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "_mutation_check", "-o", "addopts=",
-           "-q", *args]
+    pytest_args = ["-x", "-p", "no:cacheprovider", "-p", "_mutation_check", "-o", "addopts=", "-q", *args]
+    if _preload["on"] and __name__ == "__main__":
+        if _preload["ctx"] is None:
+            import multiprocessing
+
+            _preload["ctx"] = multiprocessing.get_context("forkserver")
+            _preload["ctx"].set_forkserver_preload(PRELOAD)
+        proc = _preload["ctx"].Process(target=_pytest_child, args=(str(copy), env, pytest_args, str(log)))
+        proc.start()
+        proc.join(timeout)
+        timed_out = proc.is_alive()
+        if timed_out:
+            proc.kill()
+            proc.join()
+        out = log.read_text(errors="replace") if log.exists() else ""
+        return (None if timed_out else proc.exitcode), out
+    cmd = [sys.executable, "-m", "pytest", *pytest_args]
     try:
         p = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -344,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="store_true", help="first run every selection without mutations")
     ap.add_argument("--keep", action="store_true", help="keep the mutated copies")
     ap.add_argument("--logs", type=Path, default=None, help="directory for each run's pytest output")
+    ap.add_argument("--no-preload", action="store_true",
+                    help="start every test run as a fresh process instead of forking a server that has torch imported")
     args = ap.parse_args(argv)
+    _preload["on"] = not args.no_preload
 
     by_name = {m.name: m for m in MUTATIONS}
     wanted = [n for item in args.only for n in item.split(",") if n]
