@@ -61,6 +61,8 @@ class Mutation:
 
 MECH = "tests/test_rl_mechanisms.py"
 LOOP = "tests/test_clip.py"
+GUARDS = "tests/test_guards.py"
+FIXES = "tests/test_rl_fixes.py"
 
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- online RL: rollouts and the engine
@@ -126,6 +128,51 @@ MUTATIONS: list[Mutation] = [
     Mutation("zero_grad", "alignkit/train/loop.py",
              "optimizer.zero_grad(set_to_none=True)", "pass",
              (LOOP,), "gradients of earlier steps are added into every later step", k="loop_step"),
+    # ---------------------------------------------------------------- the guards: a run never saves a broken model
+    Mutation("step_on_nan_gradient", "alignkit/train/loop.py",
+             "    if not torch.isfinite(norm):\n        return norm\n", "",
+             (GUARDS,), "clip_and_step lets AdamW write a NaN gradient into the weights", k="non_finite_gradient"),
+    Mutation("empty_step_updates", "alignkit/train/loop.py",
+             "                if normaliser > 0:", "                if True:",
+             (GUARDS,), "a step whose rows weigh 0 divides by 0 and steps (NaN weights, exit 0)",
+             k="no_reward_applies"),
+    Mutation("nan_loss_steps", "alignkit/train/loop.py",
+             "                    if finite_loss:\n", "                    if True:\n",
+             (GUARDS,), "a non-finite loss still reaches the optimizer when the gradient norm looks finite",
+             k="isolated_non_finite"),
+    Mutation("no_divergence_stop", "alignkit/train/loop.py",
+             "if bad_in_a_row >= cfg.max_bad_steps:", "if False:",
+             (GUARDS,), "non-finite steps are skipped forever: the run ends with exit 0", k="stops_with_exit_1"),
+    Mutation("output_dir_reused", "alignkit/train/checkpoint.py",
+             "    if used:\n        raise ConfigError(", "    if False:\n        raise ConfigError(",
+             (GUARDS,), "a fresh run into a used output_dir mixes with the other run's checkpoints",
+             k="used_output_dir"),
+    Mutation("resume_settings_unchecked", "alignkit/train/checkpoint.py",
+             'elif state.get("settings_hash") != settings_hash(settings):', "elif False:",
+             (GUARDS,), "resume=true continues another configuration's checkpoint", k="refuses_other_settings"),
+    Mutation("reward_columns_unchecked", "alignkit/recipes/rl.py",
+             "            if column in SUPPLIED_COLUMNS:\n                continue",
+             "            if True:\n                continue",
+             (GUARDS,), "a reward's missing data column is found only after training on None rewards",
+             k="reward_column_missing"),
+    Mutation("logged_lr_is_next", "alignkit/train/loop.py",
+             "step=step + 1, lr=lr,", "step=step + 1, lr=scheduler.get_last_lr()[0],",
+             (GUARDS,), "metrics.jsonl logs the next step's learning rate", k="logged_lr"),
+    # ---------------------------------------------------------------- online RL: review fixes
+    Mutation("score_at_temperature_1", "alignkit/rl/trainer.py",
+             "fw = forward(model, rows, self.pad_id, self.chunk, values=critic, temperature=self.temperature)",
+             "fw = forward(model, rows, self.pad_id, self.chunk, values=critic)",
+             (FIXES,), "the policy is scored at temperature 1, not the sampler's", k="sampling_temperature"),
+    Mutation("group_stats_with_missing", "alignkit/rl/objective.py",
+             "adv_B = spec.fn(r_B.view(-1, group_size), valid_B.view(-1, group_size)).reshape(-1)",
+             "adv_B = spec.fn(r_B.view(-1, group_size)).reshape(-1)",
+             (FIXES,), "completions without a reward enter their group's mean and std", k="scored_completions"),
+    Mutation("kl_controller_one_step", "alignkit/rl/trainer.py",
+             "self.kl.update(float(total[0] / total[1]), int(total[1]))", "self.kl.update(float(total[0] / total[1]), 1)",
+             (FIXES,), "the adaptive KL controller moves by 1 sample per rollout", k="kl_controller"),
+    Mutation("overlong_not_filtered", "alignkit/rl/trainer.py",
+             'self.cfg.use_mask_truncated and c.finish_reason == "length"', "False",
+             (FIXES,), "preset=dapo trains on truncated completions", k="overlong_filtering_masks"),
     # ---------------------------------------------------------------- SFT
     Mutation("sft_prompt_in_loss", "alignkit/data/collate.py",
              "[False] * len(row.prompt) + response_mask(row, response)",

@@ -128,7 +128,11 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_exit_1_and_no_fina
     assert all(torch.isfinite(t).all() for t in w4.values()) and all(torch.equal(w2[k], w4[k]) for k in w2)
 
 
-def test_an_isolated_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("poison", ["inf_gradient", "nan_loss_finite_gradient"])
+def test_an_isolated_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, caplog, poison):
+    """Step 2's loss is not finite: either its gradients too (x inf), or only the loss (+ NaN: the gradient of a
+    constant is 0, so the gradient norm looks fine and only the loss itself shows it). Either way no update: the
+    weights after step 2 are those after step 1, and the run goes on."""
     from alignkit.recipes import sft
 
     original, calls = sft.SFTTask.loss, {"n": 0}
@@ -136,15 +140,20 @@ def test_an_isolated_non_finite_step_is_skipped_and_the_run_goes_on(tmp_path, mo
     def loss(self, model, rows, normaliser):
         calls["n"] += 1
         value, metrics = original(self, model, rows, normaliser)
-        return (value * float("inf"), metrics) if calls["n"] == 2 else (value, metrics)
+        if calls["n"] == 2:
+            value = value * float("inf") if poison == "inf_gradient" else value + float("nan")
+        return value, metrics  # the metrics stay finite: the loop must look at the loss itself
 
     monkeypatch.setattr(sft.SFTTask, "loss", loss)
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
         assert main(["sft", "model=tiny", f"data={sft_jsonl(tmp_path)}", f"output_dir={out}", "max_steps=4",
-                     "batch_size=4", "progress=false"]) == 0
+                     "batch_size=4", "progress=false", "save_steps=1", "save_total_limit=10"]) == 0
     assert [x.get("skipped", 0) for x in history(out)] == [0, 1, 0, 0]
     assert "not finite, the step was skipped" in caplog.text
+    ckpt = lambda s: load_file(str(out / "checkpoints" / f"step-{s:08d}" / "trainable.safetensors"))  # noqa: E731
+    w1, w2 = ckpt(1), ckpt(2)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert all(torch.isfinite(t).all() for t in weights(out / "final").values())
 
 

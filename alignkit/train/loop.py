@@ -310,7 +310,7 @@ def train(
                 sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
                 for k, (s, c) in source.metrics().items():
                     sums[k] = [s, c]
-                n_tokens = 0
+                n_tokens, loss_total = 0, 0.0
                 lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
                 skipped = None
                 if normaliser > 0:
@@ -321,6 +321,7 @@ def train(
                         with autocast(cfg.precision):
                             loss, metrics = task.loss(model, mb, normaliser)
                         loss.backward()
+                        loss_total += float(loss.detach())
                         for k, (s, c) in metrics.items():
                             sums[k][0] += s
                             sums[k][1] += c
@@ -331,12 +332,13 @@ def train(
                                 p.grad = torch.zeros_like(p)
                             dist.all_reduce_sum(p.grad)
                     record = _reduce(sums, n_tokens)
-                    if math.isfinite(record.get("loss", 0.0)):
+                    finite_loss = math.isfinite(_global_sum(loss_total))  # the loss itself, not a task's metric
+                    if finite_loss:
                         grad_norm = float(clip_and_step(optimizer, params, cfg.max_grad_norm))  # no step if not finite
                     else:
                         grads = [p.grad for p in params if p.grad is not None]
                         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-                    if not (math.isfinite(grad_norm) and math.isfinite(record.get("loss", 0.0))):
+                    if not (finite_loss and math.isfinite(grad_norm)):
                         skipped = "non-finite"
                     record["grad_norm"] = grad_norm
                 else:  # nothing to learn from (every row weighs 0): no update, no NaN from 0/0
