@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -191,7 +192,9 @@ class MetricsWriter:
         kept = []
         if resume_step > 0 and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        tmp = self.path.with_name(".metrics.jsonl.tmp")  # replaced in one rename: a kill here loses no line
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
