@@ -158,6 +158,13 @@ MUTATIONS: list[Mutation] = [
     Mutation("logged_lr_is_next", "alignkit/train/loop.py",
              "step=step + 1, lr=lr,", "step=step + 1, lr=scheduler.get_last_lr()[0],",
              (GUARDS,), "metrics.jsonl logs the next step's learning rate", k="logged_lr"),
+    Mutation("sigterm_ignored", "alignkit/train/loop.py",
+             "if stop.requested() and not last:", "if False:",
+             ("tests/test_chaos.py",), "SIGTERM is swallowed: no checkpoint, no exit 143, the run goes on", k="sigterm"),
+    Mutation("optimizer_not_restored", "alignkit/train/checkpoint.py",
+             'optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))', "pass",
+             (GUARDS,), "resume=true restarts AdamW's moments from zero: the resumed run differs",
+             k="continues_with_matching"),
     # ---------------------------------------------------------------- online RL: review fixes
     Mutation("score_at_temperature_1", "alignkit/rl/trainer.py",
              "fw = forward(model, rows, self.pad_id, self.chunk, values=critic, temperature=self.temperature)",
