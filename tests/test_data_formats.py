@@ -370,6 +370,13 @@ def test_json_python_cannot_read_is_a_bad_row(tmp_path, line, words):
     assert load_examples(path, "sft", skip_invalid=True).n_skipped == 1
 
 
+def test_lone_surrogate_in_a_step_names_the_step(tmp_path):
+    path = write_jsonl(tmp_path, [{"prompt": "p", "steps": ["a", "b\ud800"], "labels": [1, 0]}])
+    with pytest.raises(DataError) as err:
+        load_examples(path, "stepwise")
+    assert str(err.value).startswith(f"{path}:1: field 'steps[1]': not valid Unicode: a lone surrogate")
+
+
 def test_skip_invalid_counts_and_keeps_the_first_messages(tmp_path):
     rows = [GOOD["preference"]] + ["{oops"] * 3 + [{"prompt": "p", "chosen": "a", "rejected": "a"}] * 4
     loaded = load_examples(write_jsonl(tmp_path, rows), "preference", skip_invalid=True)

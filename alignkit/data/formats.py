@@ -429,8 +429,14 @@ def _string(value: Any, field: str, *, response: bool = False) -> str:
         raise _RowError(field, f"expected a string, found {_found(value)}")
     if response and not value.strip():
         raise _RowError(field, "empty response: expected non-blank text")
+    return _unicode(value, field)
+
+
+def _unicode(value: str, field: str) -> str:
+    """Text a tokenizer will see must be valid Unicode. Only a JSON escape such as ``"\\ud800"`` without its
+    pair gets a lone surrogate this far; tokenizers reject it with a TypeError far from the data."""
     bad = _SURROGATE.search(value)
-    if bad:  # only a JSON escape such as "\ud800" without its pair gets here; tokenizers reject it
+    if bad:
         message = f"not valid Unicode: a lone surrogate {bad.group()!r} at character {bad.start()}"
         raise _RowError(field, f"{message} (a JSON \\u escape of half a pair)")
     return value
@@ -517,6 +523,7 @@ def _steps(value: Any) -> list[str]:
             raise _RowError(f"steps[{i}]", f"expected a string, found {_found(step)}")
         if not step.strip():
             raise _RowError(f"steps[{i}]", "empty step: expected non-blank text")
+        _unicode(step, f"steps[{i}]")
     return list(value)
 
 
