@@ -593,6 +593,8 @@ FOUND = {
         (b"text,n\nok,1\n", 2), (b'text,n\n,"a\nb"\n', 3)])),
     "not-utf8": ("sft", "DataError", Fuzzed(".jsonl", b'{"text": "ok"}\r\n{"text": "caf\xe9"}\r\n')),
     "lone-surrogate": ("sft", "DataError", Fuzzed(".jsonl", b'{"text": "a\\ud800"}\n')),
+    "surrogate-in-step": ("stepwise", "DataError", Fuzzed(
+        ".json", b'[{"prompt": "p", "steps": ["a", "b\\ud800"], "labels": [1, 0]}]')),
     "margin-over-float": ("preference", "DataError", Fuzzed(
         ".csv", b"prompt,chosen,rejected,margin\np,a,b,1" + b"0" * 400 + b"\n")),
     "parquet-date": ("prompt", "DataError", Fuzzed(".parquet", _parquet_of(
