@@ -45,7 +45,10 @@ class TrainConfig:
     warmup_steps: int = opt(0, "Steps of linear warm-up from 0 to `lr`.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables clipping).")
     seed: int = opt(0, "Seed for data order, initialisation and sampling.")
-    precision: str = opt("fp32", "fp32, or bf16 autocast (weights and optimizer state stay fp32).", ("fp32", "bf16"))
+    precision: str = opt("fp32", "fp32, or bf16 autocast (weights and optimizer state stay fp32; under fsdp2 on CUDA: FSDP2's bf16 parameters with fp32 gradient reduction).", ("fp32", "bf16"))
+    strategy: str = opt("ddp", "Across processes (torchrun): ddp (every process holds all weights; gradients summed) or fsdp2 (weights, gradients and optimizer state sharded with torch's fully_shard).", ("ddp", "fsdp2"))
+    device: str = opt("auto", "Where to train: auto (CUDA if there is one, then MPS, then CPU), cpu, cuda or mps.", ("auto", "cpu", "cuda", "mps"))
+    cpu_offload: bool = opt(False, "With strategy=fsdp2: keep parameters, gradients and optimizer state on the CPU between uses (FSDP2's CPUOffloadPolicy).")
     lora: bool = opt(False, "Train a LoRA adapter instead of all weights.")
     lora_r: int = opt(16, "LoRA rank.")
     lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r).")
@@ -86,6 +89,10 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.resume and self.overwrite:
             raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
+        if self.cpu_offload and self.strategy != "fsdp2":
+            raise ConfigError("cpu_offload=true needs strategy=fsdp2 (it offloads FSDP2's shards)")
+        if self.strategy == "fsdp2" and self.compile:
+            raise ConfigError("strategy=fsdp2 with compile=true is not supported yet: choose one of them")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from alignkit.config import TrainConfig, to_dict
 from alignkit.data.formats import describe, load_examples
 from alignkit.data.tokenize import Encoded, encode_all
 from alignkit.models.loading import LoraSettings, base_model_path, compile_layers, load_model
-from alignkit.train import dist
+from alignkit.train import dist, strategy
 from alignkit.train.checkpoint import list_checkpoints, prepare_output_dir
 
 log = logging.getLogger("alignkit")
@@ -116,7 +116,8 @@ def save_final(model, tok, cfg: TrainConfig, method: str, summary: dict):
     Returns the model to keep using (the merged one when LoRA was merged).
     """
     out = Path(cfg.output_dir) / "final"
-    if hasattr(model, "merge_and_unload") and cfg.save_merged:
+    model = strategy.unsharded(model)  # gathered onto the main process when sharded (None elsewhere)
+    if model is not None and hasattr(model, "merge_and_unload") and cfg.save_merged:
         model = model.merge_and_unload()
     if dist.rank() == 0:
         if hasattr(model, "peft_config"):

@@ -26,7 +26,7 @@ from alignkit.data.tokenize import Encoded
 from alignkit.losses.preference import PairLogps, PreferenceOutput, UnpairedLogps, get_loss, kto_reference_point
 from alignkit.models.logprobs import autocast, sequence_logps, shared_prompt_logps
 from alignkit.recipes.common import prepare, resuming, save_final
-from alignkit.train import dist
+from alignkit.train import dist, strategy
 from alignkit.train.loop import evaluate, micro_batches, train
 
 log = logging.getLogger("alignkit")
@@ -64,7 +64,7 @@ class Reference:
         ctx = contextlib.nullcontext() if self.frozen is not None else reference_off(model)
         with torch.no_grad(), ctx:
             n_resp = tuple(range(len(rows[0].responses)))
-            return response_logps(net, rows, n_resp, self.pad_id, self.chunk, self.shared)[0]
+            return strategy.call(net, response_logps, net, rows, n_resp, self.pad_id, self.chunk, self.shared)[0]
 
     def fill(self, model, rows: list[Encoded], cache: Path | None = None, reuse: bool = False, desc: str = "reference",
              progress: bool = True) -> None:
@@ -85,12 +85,20 @@ class Reference:
         model.eval()
         from tqdm.auto import tqdm
 
-        batches = micro_batches(rows, self.batch_size, True)
-        for mb in tqdm(batches, desc=desc, unit="batch", disable=not progress or dist.rank() != 0, dynamic_ncols=True):
+        # each process computes every W-th row and the shares are gathered: the pass is done once in all
+        rank, world = dist.rank(), dist.world()
+        mine = rows[rank::world]
+        batches = micro_batches(mine, self.batch_size, True)
+        for mb in tqdm(batches, desc=desc, unit="batch", disable=not progress or rank != 0, dynamic_ncols=True):
             with autocast(self.precision):
                 refs = self._compute(model, mb)
             for row, ref in zip(mb, refs):
-                row.extra["ref"] = ref.float()
+                row.extra["ref"] = ref.float().cpu()
+        if world > 1:
+            shares = dist.all_gather_object([r.extra["ref"] for r in mine])
+            for r, share in enumerate(shares):
+                for row, ref in zip(rows[r::world], share):
+                    row.extra["ref"] = ref
         model.train(was_training)
         if cache is not None and dist.rank() == 0:
             tmp = cache.with_suffix(".tmp")
@@ -188,6 +196,8 @@ def run(cfg: DPOConfig) -> dict:
     reference = None
     if spec.needs_reference:
         reference = Reference(p.model, cfg.reference, pad, cfg.logits_chunk, cfg.batch_size, cfg.precision, cfg.share_prompt)
+        if reference.frozen is not None:
+            strategy.prepare(reference.frozen, cfg)  # a frozen copy is sharded like the policy (no optimizer state)
         reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=resuming(cfg))
         reference.fill(p.model, p.eval, desc="reference (eval)")
     task = PreferenceTask(cfg, pad, reference)

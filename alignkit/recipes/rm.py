@@ -30,7 +30,7 @@ from alignkit.models.reward import (
 )
 from alignkit.recipes.common import log_data, seed_everything, setup_logging, split_eval, write_config
 from alignkit.train.checkpoint import prepare_output_dir
-from alignkit.train import dist
+from alignkit.train import dist, strategy
 from alignkit.train.loop import derive_std, evaluate, micro_batches, train
 
 log = logging.getLogger("alignkit")
@@ -187,7 +187,7 @@ def reward_stats(model, rows: list[Encoded], pad_id: int, batch_size: int, preci
     got = []
     with torch.no_grad(), autocast(precision):
         for mb in micro_batches(rows[:limit], batch_size, True):
-            got += _forward(model, mb, pad_id, shared)
+            got += strategy.call(model, _forward, model, mb, pad_id, shared)
     model.train(was_training)
     r_NK = torch.cat(got)
     return r_NK.mean(0).tolist(), r_NK.std(0).clamp_min(1e-6).tolist()
@@ -230,7 +230,8 @@ def run(cfg: RMConfig) -> dict:
 
 
 def save(model, tok, meta: RewardMeta, out: Path, merge: bool = True) -> None:
-    if hasattr(model, "merge_and_unload") and merge:
+    model = strategy.unsharded(model)  # gathered onto the main process when sharded (None elsewhere)
+    if model is not None and hasattr(model, "merge_and_unload") and merge:
         model = model.merge_and_unload()
     if dist.rank() == 0:
         model.config.use_cache = True

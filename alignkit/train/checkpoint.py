@@ -64,6 +64,11 @@ def check_resumable(path: Path, settings: dict, n_steps: int | None = None) -> i
         raise ConfigError(
             f"cannot resume from {path}: it was written with other settings: {', '.join(diff) or 'unknown'}; "
             f"resume with the same settings, or start again with overwrite=true (or another output_dir)")
+    from alignkit.train import dist
+
+    if state.get("sharded") and state.get("world_size") != dist.world():
+        raise ConfigError(f"cannot resume from {path}: it holds the shards of {state.get('world_size')} processes "
+                          f"and this run has {dist.world()}; resume with the same number of processes")
     if n_steps is not None and step > n_steps:
         raise ConfigError(f"cannot resume from {path}: it is at step {step}, past this run's {n_steps} steps "
                           f"(max_steps/epochs); raise max_steps, or start again with overwrite=true")
@@ -116,6 +121,21 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict | None = None,
          settings: dict | None = None) -> Path:
+    """Write checkpoint ``step-NNNNNNNN`` (every process calls this). A model sharded with FSDP2 is written with
+    ``torch.distributed.checkpoint`` (:func:`_save_sharded`: each process writes its shard); otherwise the main
+    process writes the whole state (:func:`_save_whole`)."""
+    from alignkit.train import dist, strategy
+
+    if strategy.is_sharded(model):
+        return _save_sharded(root, step, model, optimizer, keep=keep, extra=extra, settings=settings)
+    path = root / f"step-{step:08d}"
+    if dist.rank() == 0:
+        path = _save_whole(root, step, model, optimizer, keep=keep, extra=extra, settings=settings)
+    return path
+
+
+def _save_whole(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict | None = None,
+                settings: dict | None = None) -> Path:
     """Write checkpoint ``step-NNNNNNNN``; ``extra`` is any state a data source needs to resume (torch.save),
     ``settings`` the run's :func:`run_settings`.
 
@@ -135,8 +155,7 @@ def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict 
         tmp.mkdir()
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-                   tmp / "rng.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
         if extra:
             torch.save(extra, tmp / "extra.pt")
         state = {"step": step}
@@ -163,6 +182,80 @@ def save(root: Path, step: int, model, optimizer, *, keep: int = 2, extra: dict 
     return final
 
 
+def _save_sharded(root: Path, step: int, model, optimizer, *, keep: int, extra: dict | None,
+                  settings: dict | None) -> Path:
+    """A sharded checkpoint: the model's and the optimizer's shards through ``torch.distributed.checkpoint``
+    (each process writes its own files, the main process the metadata), each process's RNG states, then the
+    main process's ``extra.pt`` and ``state.json``. All of it goes into a temporary directory that the main
+    process renames into place once every process has finished, so a crash mid-write leaves the previous
+    checkpoint the newest complete one. ``root`` must be on a file system all processes share."""
+    import torch.distributed.checkpoint as dcp
+
+    from alignkit.train import dist
+
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if dist.rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = _sharded_state(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng-{dist.rank()}.pt")
+    dist.barrier()
+    if dist.rank() == 0:
+        if extra:
+            torch.save(extra, tmp / "extra.pt")
+        state = {"step": step, "sharded": True, "world_size": dist.world()}
+        if settings is not None:
+            state.update(settings=settings, settings_hash=settings_hash(settings))
+        (tmp / "state.json").write_text(json.dumps(state, default=str))
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            _remove(old)
+    dist.barrier()
+    return final
+
+
+def _sharded_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from alignkit.train import strategy
+
+    # the trainable parameters only (a LoRA run saves its adapter), as the unsharded checkpoints do
+    return get_state_dict(strategy.root_of(model), optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+
+
+def _load_sharded(path: Path, model, optimizer) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    from alignkit.train import dist, strategy
+
+    state = json.loads((path / "state.json").read_text())
+    model_sd, optim_sd = _sharded_state(model, optimizer)
+    both = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(both, checkpoint_id=str(path))
+    set_state_dict(strategy.root_of(model), optimizer, model_state_dict=both["model"],
+                   optim_state_dict=both["optimizer"], options=StateDictOptions(ignore_frozen_params=True))
+    _set_rng_state(torch.load(path / f"rng-{dist.rank()}.pt", weights_only=False))
+    return int(state["step"])
+
+
 def _remove(path: Path) -> None:
     """Delete a checkpoint directory: renamed to ``.tmp-*`` first, so a kill while deleting leaves no ``step-*``
     directory missing files (with its state.json it would still be listed), only one that the next save removes."""
@@ -183,6 +276,14 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def load(path: Path, model, optimizer) -> int:
     """Restore parameters, optimizer and RNG from ``path``; returns its step."""
+    from alignkit.train import strategy
+
+    sharded = json.loads((path / "state.json").read_text()).get("sharded", False)
+    if sharded != strategy.is_sharded(model):
+        raise ConfigError(f"cannot resume from {path}: it was written with strategy="
+                          f"{'fsdp2' if sharded else 'ddp'}; resume with the same strategy")
+    if sharded:
+        return _load_sharded(path, model, optimizer)
     state = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
@@ -192,10 +293,7 @@ def load(path: Path, model, optimizer) -> int:
         for n, t in state.items():
             params[n].copy_(t)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())["step"]
 
 

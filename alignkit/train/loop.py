@@ -33,7 +33,7 @@ from alignkit.config import TrainConfig
 from alignkit.data.tokenize import Encoded
 from alignkit.errors import Stopped, TrainingDiverged
 from alignkit.models.logprobs import autocast
-from alignkit.train import checkpoint, dist
+from alignkit.train import checkpoint, dist, strategy
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +131,28 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], 
     into the weights or its moments; the caller sees the norm and decides what to do.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.tensor(0.0)
+    norm = grad_norm(grads)
     if not torch.isfinite(norm):
         return norm
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else None
     clipping = coef is not None and bool(coef < 1.0)
     fused = all(g.get("fused") for g in optimizer.param_groups)
     if clipping and not fused:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
     optimizer.grad_scale = coef.reciprocal().to(grads[0].device) if clipping and fused else None
     try:
         optimizer.step()
     finally:
         optimizer.grad_scale = None
     return norm
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads`` as a plain tensor; sharded (FSDP2) gradients give their whole norm."""
+    if not grads:
+        return torch.tensor(0.0)
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
@@ -265,6 +273,7 @@ def train(
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = dist.rank(), dist.world()
+    layout = strategy.prepare(model, cfg)  # on its device; sharded under strategy=fsdp2
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel (one pass over each tensor) is about 6x torch's default per-tensor loop on CPU.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
@@ -291,8 +300,6 @@ def train(
     result = Result(steps=start)
 
     def save_checkpoint(step: int) -> Path | None:
-        if rank != 0:
-            return None
         return checkpoint.save(out / "checkpoints", step, model, optimizer, keep=cfg.save_total_limit,
                                extra=source.state_dict(), settings=settings)
 
@@ -318,22 +325,23 @@ def train(
                 skipped = None
                 if normaliser > 0:
                     if hasattr(task, "begin_step"):
-                        with autocast(cfg.precision):
-                            task.begin_step(model, mine)
-                    for mb in micro_batches(mine, cfg.batch_size, cfg.group_by_length):
-                        with autocast(cfg.precision):
-                            loss, metrics = task.loss(model, mb, normaliser)
+                        with layout.autocast():
+                            strategy.call(model, task.begin_step, model, mine)
+                    batches = micro_batches(mine, cfg.batch_size, cfg.group_by_length)
+                    for mb in layout.even_out(batches, mine or _filler(source)):
+                        with layout.autocast():
+                            if mb.filler:  # a sharded forward is a collective: this process joins with no weight
+                                loss = strategy.call(model, task.loss, model, mb.rows, normaliser)[0] * 0.0
+                                loss.backward()
+                                continue
+                            loss, metrics = strategy.call(model, task.loss, model, mb.rows, normaliser)
                         loss.backward()
                         loss_total += float(loss.detach())
                         for k, (s, c) in metrics.items():
                             sums[k][0] += s
                             sums[k][1] += c
-                        n_tokens += sum(len(r.prompt) * len(r.responses) + sum(map(len, r.responses)) for r in mb)
-                    if world > 1:
-                        for p in params:
-                            if p.grad is None:  # this process had no rows (e.g. dynamic sampling kept none): add zeros
-                                p.grad = torch.zeros_like(p)
-                            dist.all_reduce_sum(p.grad)
+                        n_tokens += sum(len(r.prompt) * len(r.responses) + sum(map(len, r.responses)) for r in mb.rows)
+                    layout.sync_gradients(params)
                     record = _reduce(sums, n_tokens)
                     finite_loss = math.isfinite(_global_sum(loss_total))  # the loss itself, not a task's metric
                     if finite_loss:
@@ -378,7 +386,7 @@ def train(
                 )
                 periodic = cfg.eval_steps > 0 and (step + 1) % cfg.eval_steps == 0
                 if evaluate is not None and (periodic or step + 1 == n_steps):
-                    with autocast(cfg.precision):
+                    with layout.autocast():
                         record.update({f"eval/{k}": v for k, v in evaluate().items()})
                     model.train()
                 result.history.append(record)
@@ -412,6 +420,12 @@ def train(
     return result
 
 
+def _filler(source) -> list:
+    """A row for a process that holds none this step to run a weightless micro-batch on (``source.filler()``)."""
+    row = source.filler() if hasattr(source, "filler") else None
+    return [row] if row is not None else []
+
+
 def _global_sum(x: float) -> float:
     if dist.world() == 1:
         return x
@@ -436,9 +450,9 @@ def evaluate(task: Task, model, rows: list[Encoded], batch_size: int) -> dict:
     model.eval()
     with torch.no_grad():
         if hasattr(task, "begin_step"):
-            task.begin_step(model, rows)
+            strategy.call(model, task.begin_step, model, rows)
         for mb in micro_batches(rows, batch_size, True):
-            for k, (s, c) in task.loss(model, mb, 1.0)[1].items():
+            for k, (s, c) in strategy.call(model, task.loss, model, mb, 1.0)[1].items():
                 sums[k][0] += s
                 sums[k][1] += c
     model.train(was_training)
