@@ -23,6 +23,12 @@ def opt(default, help: str, choices: tuple | None = None, list_as: str | None = 
     return field(default=default, metadata={"help": help, "choices": choices, "list_as": list_as})
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
 @dataclass
 class TrainConfig:
     """Settings every training method shares."""
@@ -91,6 +97,9 @@ class TrainConfig:
             raise ConfigError("resume=true and overwrite=true contradict each other: choose one")
         if self.cpu_offload and self.strategy != "fsdp2":
             raise ConfigError("cpu_offload=true needs strategy=fsdp2 (it offloads FSDP2's shards)")
+        if self.cpu_offload and (self.device == "cpu" or self.device == "auto" and not _has_accelerator()):
+            raise ConfigError("cpu_offload=true moves FSDP2's shards from an accelerator to CPU memory, but this run "
+                              "is on the CPU already (device=cpu, or auto without a GPU): leave cpu_offload off")
         if self.strategy == "fsdp2" and self.compile:
             raise ConfigError("strategy=fsdp2 with compile=true is not supported yet: choose one of them")
 

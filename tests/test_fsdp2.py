@@ -175,6 +175,7 @@ def test_resuming_with_another_world_size_or_strategy_exits_2_before_loading(tmp
 @pytest.mark.parametrize("overrides,named", [
     ({"strategy": "ddp", "cpu_offload": "true"}, "cpu_offload"),
     ({"strategy": "fsdp2", "compile": "true"}, "compile"),
+    ({"strategy": "fsdp2", "cpu_offload": "true", "device": "cpu"}, "cpu_offload"),
 ])
 def test_unsupported_combinations_exit_2_naming_the_keys(tmp_path, data, overrides, named):
     proc = cli("sft", tmp_path / "bad", data=data["sft"], **overrides, timeout=120)
