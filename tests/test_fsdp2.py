@@ -100,10 +100,12 @@ def baseline(tmp_path_factory, data):
 
 @pytest.mark.parametrize("method,extra", [
     ("sft", {}),
+    ("sft", {"gradient_checkpointing": "true"}),
     ("dpo", {}),
+    ("dpo", {"reference": "live"}),  # the frozen reference is sharded too, called inside the policy's pass
     ("dpo", {"lora": "true", "lora_r": 4}),
     ("rm", {}),
-])
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "default")
 def test_two_sharded_processes_equal_one(tmp_path, data, baseline, method, extra):
     out = tmp_path / "fsdp2"
     ok(cli(method, out, nproc=2, data=data["dpo" if method in ("dpo", "rm") else "sft"], batch_size=4,
