@@ -27,6 +27,7 @@ from alignkit.errors import ConfigError, UserError
 from alignkit.models.loading import LoraSettings, resolve_model, load_tokenizer, tiny_model, tiny_tokenizer
 from torch import Tensor
 
+from alignkit.models.device import model_device, to_device
 from alignkit.models.logprobs import autocast, hidden_states, unwrap
 
 META = "alignkit_rm.json"
@@ -105,14 +106,17 @@ def shared_rewards(model, batch: dict) -> torch.Tensor:
 def position_rewards(model, input_ids_BT, attention_mask_BT, positions: list[list[int]]) -> list[torch.Tensor]:
     """Head outputs ``[n_b, K]`` at the given positions of each row (process reward models: step ends)."""
     h_BTD = hidden_states(model, input_ids_BT, attention_mask_BT)
-    out = head(model)(torch.cat([h_BTD[b, pos] for b, pos in enumerate(positions)])).float()
+    rows_N = torch.tensor([b for b, pos in enumerate(positions) for _ in pos], dtype=torch.long, device=h_BTD.device)
+    cols_N = torch.tensor([p for pos in positions for p in pos], dtype=torch.long, device=h_BTD.device)
+    out = head(model)(h_BTD[rows_N, cols_N]).float()
     return list(out.split([len(p) for p in positions]))
 
 
 class RewardScorer:
     """Score responses with a trained reward model: ``score(prompts, responses) -> rewards``.
 
-    Requests are sorted by length and batched, so similar lengths share a batch and padding stays small.
+    Requests are sorted by length and batched, so similar lengths share a batch and padding stays small. Each
+    batch goes to the model's device; the rewards come back on the CPU.
     """
 
     def __init__(self, model, tokenizer, meta: RewardMeta, *, precision: str = "fp32", batch_size: int = 16):
@@ -120,7 +124,8 @@ class RewardScorer:
         self.precision, self.batch_size = precision, batch_size
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs) -> "RewardScorer":
+    def load(cls, path: str | Path, *, device: torch.device | str | None = None, **kwargs) -> "RewardScorer":
+        """The reward model saved in ``path``, on ``device`` (the CPU when None)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
@@ -128,15 +133,18 @@ class RewardScorer:
             raise UserError(f"{path} is not an alignkit reward model (no {META})")
         meta = RewardMeta(**json.loads((path / META).read_text()))
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        if device is not None:
+            model.to(device)
         return cls(model, AutoTokenizer.from_pretrained(path), meta, **kwargs)
 
     def _batched(self, seqs: list[list[int]], fn) -> list:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: list = [None] * len(seqs)
-        with torch.no_grad(), autocast(self.precision):
+        dev = model_device(self.model)
+        with torch.no_grad(), autocast(self.precision, dev):
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                batch = pad([(seqs[i], [True] * len(seqs[i])) for i in idx], self.tok.pad_token_id)
+                batch = to_device(pad([(seqs[i], [True] * len(seqs[i])) for i in idx], self.tok.pad_token_id), dev)
                 for i, value in zip(idx, fn(batch, idx)):
                     out[i] = value
         return out
@@ -144,7 +152,7 @@ class RewardScorer:
     def score_aspects(self, prompts: list, responses: list) -> torch.Tensor:
         """Raw head outputs ``[N, K]``, one column per aspect."""
         seqs = [sum(render(self.tok, p, r), []) for p, r in zip(prompts, responses)]
-        rows = self._batched(seqs, lambda b, _: sequence_rewards(self.model, b["input_ids"], b["attention_mask"]))
+        rows = self._batched(seqs, lambda b, _: sequence_rewards(self.model, b["input_ids"], b["attention_mask"]).cpu())
         return torch.stack(rows)
 
     def score(self, prompts: list, responses: list, *, normalize: bool = True) -> torch.Tensor:

@@ -93,6 +93,7 @@ def prepare(cfg: TrainConfig, kind: str) -> Prepared:
     prepare_output_dir(cfg)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     model, tok = load_model(cfg.model, lora=lora, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+    strategy.place(model, cfg.device)  # before any work outside the loop (DPO's reference pass, its "before" eval)
     if cfg.compile:
         log.info("torch.compile: %d decoder layers (compiled on the first step)", compile_layers(model))
     enc_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None, truncation=cfg.truncation)

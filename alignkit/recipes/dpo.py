@@ -24,6 +24,7 @@ from alignkit.config import DPOConfig
 from alignkit.data.collate import collate, collate_shared
 from alignkit.data.tokenize import Encoded
 from alignkit.losses.preference import PairLogps, PreferenceOutput, UnpairedLogps, get_loss, kto_reference_point
+from alignkit.models.device import model_device, on_model
 from alignkit.models.logprobs import autocast, sequence_logps, shared_prompt_logps
 from alignkit.recipes.common import prepare, resuming, save_final
 from alignkit.train import dist, strategy
@@ -33,14 +34,15 @@ log = logging.getLogger("alignkit")
 
 
 def response_logps(model, rows: list[Encoded], responses: tuple[int, ...], pad_id: int, chunk: int, shared: bool = False):
-    """Summed log-probs and token counts ``[B, len(responses)]`` of the given responses of each row.
+    """Summed log-probs and token counts ``[B, len(responses)]`` of the given responses of each row, on the
+    model's device.
 
     With ``shared`` (and more than one response) each row's prompt is computed once for all its responses.
     """
     if shared and len(responses) > 1 and responses == tuple(range(len(rows[0].responses))):
-        lp, n = shared_prompt_logps(model, collate_shared(rows, pad_id), chunk=chunk)
+        lp, n = shared_prompt_logps(model, on_model(collate_shared(rows, pad_id), model), chunk=chunk)
         return lp.view(len(rows), len(responses)), n.view(len(rows), len(responses))
-    lp, n = sequence_logps(model, collate(rows, responses, pad_id), chunk=chunk)
+    lp, n = sequence_logps(model, on_model(collate(rows, responses, pad_id), model), chunk=chunk)
     return lp.view(len(responses), len(rows)).T, n.view(len(responses), len(rows)).T
 
 
@@ -90,7 +92,7 @@ class Reference:
         mine = rows[rank::world]
         batches = micro_batches(mine, self.batch_size, True)
         for mb in tqdm(batches, desc=desc, unit="batch", disable=not progress or rank != 0, dynamic_ncols=True):
-            with autocast(self.precision):
+            with autocast(self.precision, model_device(model)):
                 refs = self._compute(model, mb)
             for row, ref in zip(mb, refs):
                 row.extra["ref"] = ref.float().cpu()
@@ -106,9 +108,10 @@ class Reference:
             tmp.replace(cache)
 
     def logps(self, model, rows: list[Encoded]) -> torch.Tensor:
+        """``[B, R]`` on the model's device (cached ones are kept on the CPU, one small tensor a row)."""
         if self.mode == "live":
             return self._compute(model, rows)
-        return torch.stack([r.extra["ref"] for r in rows])
+        return torch.stack([r.extra["ref"] for r in rows]).to(model_device(model))
 
 
 def _fingerprint(rows: list[Encoded]) -> str:
@@ -140,7 +143,7 @@ class PreferenceTask:
                 lp, _ = response_logps(model, mb, (1,), self.pad_id, self.chunk)
                 total += (lp[:, 0] - self.reference.logps(model, mb)[:, 1]).sum().item()
         stats = dist.all_reduce_sum(torch.tensor([total, float(len(rows))], dtype=torch.float64))
-        self.z0 = kto_reference_point(stats[:1] / stats[1])
+        self.z0 = kto_reference_point(stats[:1] / stats[1]).float()  # float64 is not on every device (MPS)
 
     def loss(self, model, rows, normaliser):
         ref = self.reference.logps(model, rows) if self.spec.needs_reference else None
@@ -151,8 +154,9 @@ class PreferenceTask:
             out = self.spec.fn(batch, **self.hparams)
         else:
             lp, n = response_logps(model, rows, (0,), self.pad_id, self.chunk)
-            desirable = torch.tensor([bool(r.label) for r in rows])
-            out = self.spec.fn(UnpairedLogps(lp[:, 0], n[:, 0], ref[:, 0], desirable), reference_point=self.z0, **self.hparams)
+            desirable = torch.tensor([bool(r.label) for r in rows], device=lp.device)
+            out = self.spec.fn(UnpairedLogps(lp[:, 0], n[:, 0], ref[:, 0], desirable),
+                               reference_point=self.z0.to(lp.device), **self.hparams)
         total = out.losses.sum()
         metrics = {"loss": (total.item(), float(len(rows))), **reward_metrics(out, self.spec.paired)}
         if self.spec.paired:
@@ -204,7 +208,7 @@ def run(cfg: DPOConfig) -> dict:
     evaluate_fn = (lambda: evaluate(task, p.model, p.eval, cfg.batch_size)) if p.eval else None
     before = {}
     if evaluate_fn is not None and not resuming(cfg):
-        with autocast(cfg.precision):
+        with autocast(cfg.precision, model_device(p.model)):
             before = evaluate_fn()
         log.info("before training (held out): %s", _fmt(before))
     result = train(task, p.model, p.train, cfg, evaluate=evaluate_fn)

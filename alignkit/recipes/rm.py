@@ -24,6 +24,7 @@ from alignkit.data.tokenize import Encoded, fit, render, render_steps
 from alignkit.errors import DataError
 from alignkit.losses.reward import bradley_terry, prm_bce
 from alignkit.models.loading import LoraSettings
+from alignkit.models.device import model_device, on_model
 from alignkit.models.logprobs import autocast
 from alignkit.models.reward import (
     RewardMeta, load_reward_backbone, position_rewards, save_meta, sequence_rewards, shared_rewards,
@@ -105,15 +106,16 @@ def encode_steps(examples, tok, cfg: RMConfig) -> list[Encoded]:
 
 
 def _forward(model, rows: list[Encoded], pad_id: int, shared: bool = True) -> list[torch.Tensor]:
-    """Rewards ``[R_i, K]`` of every response of every row.
+    """Rewards ``[R_i, K]`` of every response of every row, on the model's device.
 
     With ``shared`` each row is one sequence ``prompt + response_1 + ... + response_R`` whose prompt is computed
     once (``collate_shared``); otherwise every response is a padded sequence of its own.
     """
     if shared:
-        r_SK = shared_rewards(model, collate_shared(rows, pad_id))
+        r_SK = shared_rewards(model, on_model(collate_shared(rows, pad_id), model))
     else:
         batch = pad([(r.prompt + resp, [True] * (len(r.prompt) + len(resp))) for r in rows for resp in r.responses], pad_id)
+        batch = on_model(batch, model)
         r_SK = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
     return list(r_SK.split([len(r.responses) for r in rows]))
 
@@ -136,12 +138,12 @@ class PairRewardTask:
                 lose.append(r_RK[j])
                 margin.append(m)
                 sign.append(labels)
-        sign_PK = torch.tensor(sign, dtype=torch.float32)
         a_PK, b_PK = torch.stack(win), torch.stack(lose)
+        sign_PK = torch.tensor(sign, dtype=torch.float32, device=a_PK.device)
         # a label of -1 means the rejected response is the better one on that aspect
         better = torch.where(sign_PK < 0, b_PK, a_PK)
         worse = torch.where(sign_PK < 0, a_PK, b_PK)
-        out = bradley_terry(better, worse, margin_P=torch.tensor(margin), mask_PK=sign_PK != 0,
+        out = bradley_terry(better, worse, margin_P=torch.tensor(margin, device=a_PK.device), mask_PK=sign_PK != 0,
                             center_coef=self.cfg.center_coef)
         total = out.losses.sum()
         all_r = torch.cat(rewards).detach()
@@ -171,9 +173,10 @@ class StepRewardTask:
 
     def loss(self, model, rows, normaliser):
         batch = pad([(r.prompt + r.responses[0], [True] * (len(r.prompt) + len(r.responses[0]))) for r in rows], self.pad_id)
+        batch = on_model(batch, model)
         pos = [[len(r.prompt) + p for p in r.extra["positions"]] for r in rows]
         logits = torch.cat([v[:, 0] for v in position_rewards(model, batch["input_ids"], batch["attention_mask"], pos)])
-        labels = torch.tensor([lab for r in rows for lab in r.extra["labels"]])
+        labels = torch.tensor([lab for r in rows for lab in r.extra["labels"]], device=logits.device)
         losses = prm_bce(logits, labels)
         n = float(labels.numel())
         correct = ((logits > 0).float() == labels).float().sum().item()
@@ -185,11 +188,11 @@ def reward_stats(model, rows: list[Encoded], pad_id: int, batch_size: int, preci
     was_training = model.training
     model.eval()
     got = []
-    with torch.no_grad(), autocast(precision):
+    with torch.no_grad(), autocast(precision, model_device(model)):
         for mb in micro_batches(rows[:limit], batch_size, True):
             got += strategy.call(model, _forward, model, mb, pad_id, shared)
     model.train(was_training)
-    r_NK = torch.cat(got)
+    r_NK = torch.cat(got).float().cpu()
     return r_NK.mean(0).tolist(), r_NK.std(0).clamp_min(1e-6).tolist()
 
 
@@ -205,6 +208,7 @@ def run(cfg: RMConfig) -> dict:
     prepare_output_dir(cfg)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     model, tok = load_reward_backbone(cfg.model, 1 if cfg.process else len(aspects), lora=lora, seed=cfg.seed)
+    strategy.place(model, cfg.device)  # before any work outside the loop (the reward statistics)
     if cfg.process:
         train_rows, eval_rows = encode_steps(examples, tok, cfg), encode_steps(held, tok, cfg)
         task = StepRewardTask(cfg, tok.pad_token_id)

@@ -8,6 +8,7 @@ from alignkit.config import SFTConfig
 from alignkit.data.collate import collate, collate_packed, response_mask
 from alignkit.data.tokenize import Encoded
 from alignkit.losses.sft import nll_sum
+from alignkit.models.device import on_model
 from alignkit.models.logprobs import token_logps, unwrap
 from alignkit.models.packing import enable_packing, supports_packing
 from alignkit.recipes.common import prepare, save_final
@@ -24,7 +25,7 @@ class SFTTask:
         return float(sum(response_mask(row, 0)))
 
     def loss(self, model, rows, normaliser):
-        batch = collate_packed(rows, 0) if self.packed else collate(rows, (0,), self.pad_id)
+        batch = on_model(collate_packed(rows, 0) if self.packed else collate(rows, (0,), self.pad_id), model)
         layout = {"position_ids_BT": batch["position_ids"], "packed_layout": batch["packed_layout"]} if self.packed else {}
         lp_BT = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk=self.chunk,
                             **layout)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from alignkit.errors import ConfigError
+from alignkit.models.device import remember
 from alignkit.train import dist
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def shard(model: nn.Module, *, mixed_precision: bool = False, cpu_offload: bool 
             m.set_force_sum_reduction_for_comms(True)
             m.set_gradient_divide_factor(1.0)
     _ROOTS[model] = root
+    remember(root, dev)  # the compute device, which CPU offload hides from the parameters (models/device.py)
     return model
 
 
