@@ -129,10 +129,13 @@ class _Checks(TorchDispatchMode):
 
 
 class _FromData(TorchFunctionMode):
-    """``torch.tensor(data, device=meta)`` would make a real meta tensor (no values): build it on the CPU, wrap it."""
+    """``torch.tensor(data, device=meta)`` would make a real meta tensor (no values): build it on the CPU, wrap it.
+    ``.tolist()`` refuses tensor subclasses: read the CPU tensor inside, as a GPU tensor is read."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.tolist and isinstance(args[0], OnDevice):  # as on a GPU: a copy to the host
+            return args[0].inner.tolist()
         if func in _FROM_DATA:
             dev = kwargs.get("device")
             if dev is None and func is torch.Tensor.new_tensor and isinstance(args[0], OnDevice):

@@ -172,6 +172,26 @@ def test_cpu_labels_are_caught(tmp_path, monkeypatch):
         _run(dpo, cfg, monkeypatch, {})
 
 
+def test_reward_scorer_scores_on_the_model_device():
+    """``RewardScorer`` (``rm:PATH`` rewards, evaluation) moves its batches to the reward model's device and hands
+    the rewards back on the CPU, the CPU's up to SDPA's kernel choice."""
+    from alignkit.models.reward import RewardMeta, RewardScorer, load_reward_backbone
+
+    model, tok = load_reward_backbone("tiny", 2, seed=0)
+    meta = RewardMeta(aspects=["a", "b"], weights=[1.0, 0.5], mean=[0.1, -0.2], std=[2.0, 1.0])
+    scorer = RewardScorer(model, tok, meta, batch_size=2)
+    prompts, responses = ["1+1=", "2+2=", "3+3="], [" 2", " four", " 6, I think"]
+    steps = [["2", "so 2"], ["4"], ["6", "checked", "done"]]
+    want = scorer.score(prompts, responses), scorer.score_steps(prompts, steps)
+    with fake_device():
+        model.to("meta")
+        got = scorer.score(prompts, responses), scorer.score_steps(prompts, steps)
+    assert not is_fake(got[0]) and got[0].device.type == "cpu"
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)  # SDPA's kernel differs (see above)
+    for (p_got, agg_got), (p_want, agg_want) in zip(got[1], want[1]):
+        assert p_got == pytest.approx(p_want, rel=1e-5) and agg_got == pytest.approx(agg_want, rel=1e-5)
+
+
 def test_model_device_reads_the_model():
     from alignkit.models.loading import LoraSettings, add_lora, tiny_model
     from alignkit.rl.trainer import ActorCritic, ValueHead
