@@ -65,7 +65,8 @@ def root_of(model) -> Root | None:
 
 
 def is_sharded(model) -> bool:
-    return model in _ROOTS
+    """Whether ``model`` is sharded with FSDP2, or is part of a sharded model (the policy of an actor-critic)."""
+    return _find_root(model) is not None
 
 
 def call(model, fn: Callable, *args, **kwargs):
@@ -122,13 +123,13 @@ class Layout:
     def even_out(self, batches: list[list], spare: list):
         """The micro-batches of this process, followed under FSDP2 by filler passes (over ``spare``) up to the
         largest count of any process: a sharded forward and backward are collectives."""
-        for mb in batches:
-            yield MicroBatch(mb)
-        if not self.sharded or dist.world() == 1:
-            return
-        most = int(dist.all_reduce_max(torch.tensor([len(batches)], dtype=torch.int64)).item())
+        most = len(batches)
+        if self.sharded and dist.world() > 1:  # agreed before any pass: the passes themselves are collectives
+            most = int(dist.all_reduce_max(torch.tensor([len(batches)], dtype=torch.int64)).item())
         if most > len(batches) and not spare:
             raise RuntimeError("a process holds no row to join the others' micro-batches with")
+        for mb in batches:
+            yield MicroBatch(mb)
         for _ in range(most - len(batches)):
             yield MicroBatch(spare[:1], filler=True)
 
