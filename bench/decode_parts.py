@@ -100,7 +100,8 @@ def main() -> None:
         return torch.multinomial(logp.softmax(-1), 1, generator=gen)
 
     show("sampling 8 rows", interleaved({"torch.multinomial": multinomial,
-                                         "inverse CDF (sample_next)": lambda: sample_next(logits, sp, gen)},
+                                         "inverse CDF (sample_next)": lambda: sample_next(
+                                             logits, sp, torch.rand(8, dtype=torch.float64, generator=gen))},
                                         args.repeats))
 
     # decode steps and prefill

@@ -12,7 +12,16 @@ loop instead of ``model.generate``:
 
 Sampling at temperature ``T > 0``: ``p = softmax(logits / T)``, truncated to the ``top_k`` most likely tokens,
 then to the nucleus (the smallest set of most likely tokens whose renormalized mass is ``>= top_p``, never
-empty), renormalized, and sampled with a seeded ``torch.Generator``. ``T = 0`` is greedy (argmax).
+empty), renormalized, and sampled by inverse CDF from one uniform a row and step. ``T = 0`` is greedy (argmax).
+
+Where the uniforms come from: by default one ``torch.Generator`` seeded with ``SamplingParams.seed`` serves the
+whole call, so a row's tokens depend on the rows that share its batches. With ``seeds`` (one int per prompt),
+sample ``j`` of prompt ``i`` has a generator of its own, seeded with :func:`row_seed` ``(seeds[i], j)``: its
+uniforms are then a function of its seed alone, whatever the batching, the chunking or the other prompts of the
+call. That is what lets several processes split a rollout and still sample what one process would. Its logits
+can still differ by rounding with its company: a prompt decoded alone runs without padding, and bf16 kernels
+round differently then, which over a long completion often moves a token. With ``max_batch = n`` every
+prompt's samples are decoded on their own and a row's tokens are the same in any call (``bench/row_seeds.py``).
 
 The log-prob reported for a token is ``log_softmax(logits / T)[token]`` — the tempered distribution **before**
 top-k/top-p truncation (``T = 1`` for greedy). At ``T = 1`` it is what the trainer recomputes with
@@ -23,6 +32,7 @@ sampler, which is ``0`` outside the kept set and larger inside it.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +43,7 @@ from transformers import DynamicCache
 from alignkit.models.logprobs import unwrap
 from alignkit.models.prepacked import prepack_linears
 from alignkit.rl.decode import KVBuffer, fast_decoder, head_logits
+from alignkit.train import strategy
 
 STOP_MARGIN = 8  # extra tail tokens decoded for the stop check (tokens that decode to no text, split UTF-8)
 
@@ -66,8 +77,10 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
-        """``n`` completions of each prompt (token ids), as ``[len(prompts)][n]`` in sample order."""
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        """``n`` completions of each prompt (token ids), as ``[len(prompts)][n]`` in sample order; with ``seeds``
+        (one per prompt) each sample's draws depend only on its prompt's seed and its sample index."""
         ...
 
     def update_weights(self, model) -> None:
@@ -75,8 +88,12 @@ class RolloutEngine(Protocol):
         ...
 
 
-def sample_next(logits_BV: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None):
-    """Next tokens ``[B]`` and their log-probs ``[B]`` (untruncated tempered distribution) from ``logits_BV``."""
+def sample_next(logits_BV: torch.Tensor, sampling: SamplingParams, u_B: torch.Tensor | None):
+    """Next tokens ``[B]`` and their log-probs ``[B]`` (untruncated tempered distribution) from ``logits_BV``.
+
+    ``u_B``: one uniform in [0, 1) per row (float64, on the logits' device), which picks the row's token by
+    :func:`inverse_cdf`; unused (None) when greedy (``temperature <= 0``).
+    """
     logits_BV = logits_BV.float()
     if sampling.temperature <= 0:
         tokens_B = logits_BV.argmax(-1)
@@ -86,9 +103,43 @@ def sample_next(logits_BV: torch.Tensor, sampling: SamplingParams, generator: to
         p_BV = logp_BV.exp()
         if 0 < sampling.top_k < p_BV.shape[-1] or sampling.top_p < 1.0:
             p_BV.masked_fill_(~_kept(logp_BV, sampling.top_k, sampling.top_p), 0.0)
-        u_B = torch.rand(p_BV.shape[0], dtype=torch.float64, generator=generator, device=p_BV.device)
+        if u_B is None or u_B.shape != p_BV.shape[:1]:
+            raise ValueError(f"sampling needs one uniform per row ({p_BV.shape[0]}), got "
+                             f"{None if u_B is None else tuple(u_B.shape)}")
         tokens_B = inverse_cdf(p_BV, u_B)
     return tokens_B, logp_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def row_seed(seed: int, sample: int) -> int:
+    """The generator seed of sample ``sample`` of a prompt seeded ``seed``: a hash, so no two (seed, sample)
+    pairs share a stream as an arithmetic mix such as ``seed * n + sample`` would."""
+    digest = hashlib.blake2b(f"{seed}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator seed
+
+
+class _Uniforms:
+    """The uniforms of a chunk's rows, one per row and decode step.
+
+    Shared: one generator for the whole call, ``rand(rows)`` at each step for the rows still active (what the
+    engine always did). Per row: row ``r`` has its own generator, seeded by :func:`row_seed`, and draws its
+    ``max_new_tokens`` uniforms up front, one per decode step; step ``t`` of row ``r`` uses the ``t``-th,
+    whatever else is in the batch. Drawing them up front costs one generator call per row and chunk instead of
+    one per row and step (``bench/row_seeds.py``).
+    """
+
+    def __init__(self, generator: torch.Generator | None, row_seeds: list[int] | None, steps: int, device):
+        self.generator, self.device = generator, device
+        self.table_RT = None
+        if row_seeds is not None:
+            rows = [torch.rand(steps, dtype=torch.float64, device=device,
+                               generator=torch.Generator(device=device).manual_seed(s)) for s in row_seeds]
+            self.table_RT = torch.stack(rows) if rows else torch.empty(0, steps, dtype=torch.float64, device=device)
+
+    def draw(self, rows_A: torch.Tensor, step: int) -> torch.Tensor:
+        """Uniforms ``[A]`` for the active rows ``rows_A`` (indices into the chunk's rows) at ``step``."""
+        if self.table_RT is not None:
+            return self.table_RT[rows_A, step]
+        return torch.rand(rows_A.shape[0], dtype=torch.float64, generator=self.generator, device=self.device)
 
 
 def inverse_cdf(p_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
@@ -157,15 +208,21 @@ class LocalEngine:
     # ------------------------------------------------------------------------------------------- weights
 
     def update_weights(self, model) -> None:
-        """Use ``model``'s current weights: fp32 records the model; bf16 copies its merged weights into the copy."""
+        """Use ``model``'s current weights: fp32 records the model; bf16 copies its merged weights into the copy.
+
+        A model sharded with FSDP2 (``strategy=fsdp2``) cannot generate by itself (each forward is a collective and
+        the processes generate different prompts), so the engine keeps a whole copy in either precision and
+        refreshes it from the gathered weights (a collective: every process calls this).
+        """
         self.model = model
-        if self.precision == "fp32":
+        sharded = strategy.is_sharded(model)
+        if self.precision == "fp32" and not sharded:
             return
         base = unwrap(model)
         if self._copy is None:
-            self._copy = _empty_bf16_copy(base)
-            self._packed = prepack_linears(self._copy)
-        with torch.no_grad():
+            self._copy = _empty_copy(base, torch.bfloat16 if self.precision == "bf16" else torch.float32)
+            self._packed = prepack_linears(self._copy) if self.precision == "bf16" else {}
+        with torch.no_grad(), strategy.gathered(model):
             for name, p in self._copy.named_parameters():
                 p.copy_(merged_parameter(base, name))
             for name, layer in self._packed.items():
@@ -173,24 +230,33 @@ class LocalEngine:
 
     # ------------------------------------------------------------------------------------------ generate
 
-    def generate_text(self, prompts: list[str], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+    def generate_text(self, prompts: list[str], n: int, sampling: SamplingParams,
+                      seeds: Sequence[int] | None = None) -> list[list[Completion]]:
         """:meth:`generate` on prompt strings (tokenized as they are: ``add_special_tokens=False``)."""
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return self.generate(ids, n, sampling)
+        return self.generate(ids, n, sampling, seeds)
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
         """``n`` completions for each prompt (token ids), ``[len(prompts)][n]`` in sample order.
 
         A prompt's ``n`` samples always share one batch (so one prefill), even when ``n > max_batch``.
+        ``seeds``: one int per prompt; sample ``j`` of prompt ``i`` then draws from its own generator seeded
+        :func:`row_seed` ``(seeds[i], j)`` (``sampling.seed`` is not used). Without it, one generator seeded
+        ``sampling.seed`` (random when None) serves the whole call.
         """
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds needs one int per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
         if n <= 0:
             return [[] for _ in prompts]
-        net = self._copy if self.precision == "bf16" else self.model
+        net = self._copy if self._copy is not None else self.model
         device = next(net.parameters()).device
-        seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = None
+        if seeds is None:
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
+            generator = torch.Generator(device=device).manual_seed(seed)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
         per_chunk = max(1, self.max_batch // n)
         out: list[list[Completion]] = [[] for _ in prompts]
@@ -202,7 +268,11 @@ class LocalEngine:
             with torch.no_grad():
                 for start in range(0, len(order), per_chunk):
                     idx = order[start : start + per_chunk]
-                    done = self._generate_chunk(net, [list(prompts[i]) for i in idx], n, sampling, generator, device)
+                    row_seeds = None
+                    if seeds is not None and sampling.temperature > 0:
+                        row_seeds = [row_seed(int(seeds[i]), j) for i in idx for j in range(n)]
+                    uniforms = _Uniforms(generator, row_seeds, sampling.max_new_tokens, device)
+                    done = self._generate_chunk(net, [list(prompts[i]) for i in idx], n, sampling, uniforms, device)
                     for j, i in enumerate(idx):
                         out[i] = done[j * n : (j + 1) * n]
         finally:
@@ -210,7 +280,8 @@ class LocalEngine:
                 m.training = training
         return out
 
-    def _generate_chunk(self, net, prompts: list[list[int]], n, sampling, generator, device) -> list[Completion]:
+    def _generate_chunk(self, net, prompts: list[list[int]], n, sampling, uniforms: _Uniforms,
+                        device) -> list[Completion]:
         """Completions of ``len(prompts) * n`` rows, row ``r`` being sample ``r % n`` of prompt ``r // n``."""
         P, T = len(prompts), max(len(p) for p in prompts)
         ids_PT = torch.full((P, T), self.pad_id, dtype=torch.long)
@@ -232,13 +303,15 @@ class LocalEngine:
         cache_rows_A = prompt_of_R  # which cache row each active row continues (first: its prompt's row)
         mask_AS, next_pos_A = mask_PT[prompt_of_R], mask_PT.sum(-1)[prompt_of_R]
         active = list(range(R))
+        rows_A = torch.arange(R, device=device)  # ``active`` on the device: which rows' uniforms to take
         tokens: list[list[int]] = [[] for _ in range(R)]
         logps: list[list[float]] = [[] for _ in range(R)]
         reasons = ["length"] * R
         stops = tuple(s for s in sampling.stop if s)
         window = max((len(s) for s in stops), default=0) + STOP_MARGIN
         for step in range(sampling.max_new_tokens):
-            tok_A, lp_A = sample_next(logits_AV, sampling, generator)
+            u_A = uniforms.draw(rows_A, step) if sampling.temperature > 0 else None
+            tok_A, lp_A = sample_next(logits_AV, sampling, u_A)
             keep = []
             for j, (r, t, lp) in enumerate(zip(active, tok_A.tolist(), lp_A.tolist())):
                 tokens[r].append(t)
@@ -257,7 +330,7 @@ class LocalEngine:
                 sel_A = torch.tensor(keep, device=device)
                 cache.batch_select_indices(cache_rows_A[sel_A])
                 active = [active[j] for j in keep]
-                tok_A, mask_AS, next_pos_A = tok_A[sel_A], mask_AS[sel_A], next_pos_A[sel_A]
+                tok_A, mask_AS, next_pos_A, rows_A = tok_A[sel_A], mask_AS[sel_A], next_pos_A[sel_A], rows_A[sel_A]
             mask_AS = torch.cat([mask_AS, mask_AS.new_ones(len(active), 1)], dim=1)
             if fast is not None:
                 logits_AV = fast.step(tok_A, mask_AS, next_pos_A, cache)
@@ -294,8 +367,8 @@ def _forward(net, ids_BT, mask_BS, pos_BT, cache) -> torch.Tensor:
     return head_logits(base, h_BTD[:, -1].contiguous())
 
 
-def _empty_bf16_copy(base):
-    """A model of ``base``'s class and config with uninitialized bf16 parameters (filled by ``update_weights``).
+def _empty_copy(base, dtype=torch.bfloat16):
+    """A model of ``base``'s class and config with uninitialized ``dtype`` parameters (filled by ``update_weights``).
 
     Built on the meta device, so no time goes into random initialization. Buffers (e.g. rotary frequencies) are
     taken from ``base`` as they are, as ``from_pretrained(dtype=torch.bfloat16)`` would leave them in float32.
@@ -307,7 +380,7 @@ def _empty_bf16_copy(base):
     net.tie_weights()  # to_empty breaks tying of shared parameters
     for p in net.parameters():
         if p.is_floating_point():
-            p.data = p.data.to(torch.bfloat16)
+            p.data = p.data.to(dtype)
     for name, buf in base.named_buffers():
         mod_path, _, attr = name.rpartition(".")
         net.get_submodule(mod_path)._buffers[attr] = buf.detach().clone()
