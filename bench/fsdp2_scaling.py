@@ -8,10 +8,12 @@ Arms (each its own process or torchrun job, interleaved over ``--repeats``), on 
 
 Every arm runs the real recipe (``alignkit.cli``). Inside each process the script records:
 
-- ``load``: resident memory (VmRSS) once the model is loaded, before the loop lays it out;
-- ``train_peak``: the peak resident memory of the training steps: the kernel's high-water mark is reset
-  (``/proc/self/clear_refs``) right after the loop has sharded the model, so it measures the steps, not the
-  loading (every process still loads the whole checkpoint before sharding it);
+- ``load``: anonymous resident memory (``RssAnon``) once the model is loaded, before the loop lays it out. Not
+  ``VmRSS``: the weights are loaded from a memory-mapped safetensors file, whose pages count in VmRSS as they
+  are read (sharding reads them all) but are page cache, not memory the process holds;
+- ``train_peak``: the peak of ``RssAnon`` during the training steps (sampled every 5 ms from the moment the
+  loop has laid the model out, so it measures the steps, not the loading: every process still loads the whole
+  checkpoint before sharding it);
 - ``state``: the bytes of the parameters, gradients and AdamW state this process holds (local shards; the
   arithmetic the resident memory is compared with): parameters and gradients 4 B each, AdamW 8 B a parameter;
 - ``comm``: bytes through the collectives per optimizer step (all-gather outputs, reduce-scatter inputs,
@@ -36,12 +38,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss(field: str = "VmRSS") -> int:
+def _rss(field: str = "RssAnon") -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -80,7 +83,7 @@ def worker(report: Path, argv: list[str]) -> None:
         layout = prepare(model, cfg)  # the last call is the loop's, on the trainable model
         rec["after_layout"] = _rss()
         rec["comm_bytes_before_steps"] = rec["comm_bytes"]
-        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+        peak["anon"] = _rss()  # the peak of the steps starts from here
         local = 0
         for p in model.parameters():
             if p.requires_grad:
@@ -89,13 +92,22 @@ def worker(report: Path, argv: list[str]) -> None:
         rec["state"] = local * 4 * 4  # parameter, gradient, exp_avg, exp_avg_sq in fp32
         return layout
 
+    peak = {"anon": 0}
+    done = threading.Event()
+
+    def sample() -> None:  # the kernel keeps no high-water mark of anonymous memory: sample it every 5 ms
+        while not done.wait(0.005):
+            peak["anon"] = max(peak["anon"], _rss())
+
+    threading.Thread(target=sample, daemon=True).start()
     strategy.prepare = recording_prepare
     from alignkit import cli
 
     try:
         cli.main(argv)
     finally:
-        rec["train_peak"] = _rss("VmHWM")
+        done.set()
+        rec["train_peak"] = peak["anon"]
         rec["comm_bytes_steps"] = rec["comm_bytes"] - rec.get("comm_bytes_before_steps", 0)
         report.write_text(json.dumps(rec))
 

@@ -36,7 +36,7 @@ from alignkit.rl.rewards import SUPPLIED_COLUMNS, RewardContext, build_reward_se
 from alignkit.rl.rollout import LocalEngine, SamplingParams
 from alignkit.rl.sampling import Curriculum, DynamicSampler, PromptSampler
 from alignkit.rl.trainer import ActorCritic, Collector, PolicyTask, Prompt, Rollouts, ValueHead
-from alignkit.train import dist
+from alignkit.train import dist, strategy
 from alignkit.train.checkpoint import prepare_output_dir
 from alignkit.train.loop import train
 
@@ -148,8 +148,11 @@ def prepare_online(cfg: RolloutConfig) -> Online:
 
 
 def initial_model(cfg: RolloutConfig):
-    """The frozen initial weights (loaded again, so a resumed run still gets the initial model, not a copy)."""
-    return load_model(cfg.model, seed=cfg.seed)[0].eval().requires_grad_(False)
+    """The frozen initial weights (loaded again, so a resumed run still gets the initial model, not a copy), on
+    the run's device and sharded like the policy under strategy=fsdp2 (no gradients, no optimizer state)."""
+    model = load_model(cfg.model, seed=cfg.seed)[0].eval().requires_grad_(False)
+    strategy.prepare(model, cfg)
+    return model
 
 
 def train_online(o: Online, task, model, source, cfg: RolloutConfig, method: str) -> dict:
@@ -195,8 +198,10 @@ def run(cfg: RLConfig) -> dict:
     log.info("%s: %d prompts (%d held out), %d optimizer steps, %d per rollout; %s", cfg.preset, len(o.prompts),
              len(o.held), n_steps, updates, obj)
     summary = train_online(o, task, model, source, cfg, cfg.preset)
-    if isinstance(model, ActorCritic) and dist.rank() == 0:
-        torch.save(model.head.state_dict(), Path(cfg.output_dir) / "final" / "value_head.pt")
+    if isinstance(model, ActorCritic):
+        head = strategy.full_state_dict(model.head)  # gathered from the shards under fsdp2 (all processes)
+        if dist.rank() == 0:
+            torch.save(head, Path(cfg.output_dir) / "final" / "value_head.pt")
     return summary
 
 
