@@ -142,8 +142,9 @@ def test_the_kl_controller_moves_by_the_samples_of_a_rollout(tmp_path):
 
 def test_rollout_seeds_never_collide():
     """The old formula ((rollout * 101 + round) * 64 + rank) gave rollout r, round 101 the seed of rollout r+1,
-    round 0, and rank 64 the seed of the next round's rank 0."""
-    seeds = {rollout_seed(0, r, k, rank) for r, k, rank in itertools.product(range(12), range(0, 300, 7), range(0, 200, 3))}
+    round 0, and rank 64 the seed of the next round's rank 0. The last part now names a prompt's position in the
+    round's draw over all processes, not a rank (tests/test_rl_distributed.py)."""
+    seeds = {rollout_seed(0, r, k, pos) for r, k, pos in itertools.product(range(12), range(0, 300, 7), range(0, 200, 3))}
     assert len(seeds) == 12 * len(range(0, 300, 7)) * len(range(0, 200, 3))
     assert rollout_seed(0, 0, 101, 0) != rollout_seed(0, 1, 0, 0) and rollout_seed(0, 0, 0, 64) != rollout_seed(0, 0, 1, 0)
     assert rollout_seed(1, 0, 0, 0) != rollout_seed(0, 0, 0, 0) and 0 <= rollout_seed(5, 9, 9, 9) < 2**63

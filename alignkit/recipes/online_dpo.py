@@ -7,6 +7,10 @@ no pair. With ``judge=`` (``llm:MODEL``, an ``http(s)://`` endpoint, ``rm:PATH``
 ``alignkit.feedback.judges``, shared with ``alignkit eval``) the judge compares the first two samples in both
 orders instead, and a tie gives no pair. The pairs are trained with the DPO loss (or another paired loss of the preference registry) against the
 frozen initial model: with LoRA the base with adapters off, otherwise the initial weights loaded again.
+
+Under several processes every process samples its share of the step's prompts and gets every group
+(``alignkit.rl.trainer.Collector``), judges them all alike, and trains on its share ``[rank::world]`` of the
+pairs, as one process would on all of them; ``prompts_per_step`` counts each process's prompts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from alignkit.recipes.dpo import PreferenceTask, Reference
 from alignkit.recipes.rl import initial_model, online_steps, prepare_online, train_online
 from alignkit.rl.sampling import PromptSampler
 from alignkit.rl.trainer import Collector, Group, Sums
+from alignkit.train import dist
 from alignkit.train.loop import Metrics
 
 log = logging.getLogger("alignkit")
@@ -44,6 +49,7 @@ class JudgedPairs:
         self.collector, self.reference, self.cfg, self.n_steps = collector, reference, cfg, n_steps
         self.judge = judge  # a pairwise judge (alignkit.feedback.judges); None: the reward functions decide
         self._metrics: Metrics = {}
+        self._filler: Encoded | None = None
 
     def pairwise(self, groups: list[Group]) -> list[Encoded]:
         """The first two samples of each group, compared by the judge in both orders; ties give no pair."""
@@ -64,20 +70,26 @@ class JudgedPairs:
         return pairs
 
     def rows(self, step: int, model) -> list[Encoded]:
+        """This process's share ``[rank::world]`` of the step's pairs (judged alike on every process)."""
         m = Sums()
         t0 = time.perf_counter()
         self.collector.engine.update_weights(model)
-        groups = self.collector.collect(step, self.cfg.prompts_per_step, m)
+        groups = self.collector.collect(step, self.cfg.prompts_per_step * dist.world(), m)
         if self.judge is not None:
             pairs = self.pairwise(groups) if groups else []
         else:
             pairs = [p for p in map(judged_pair, groups) if p is not None]
-        m.add("pairs/judged", float(len(pairs)), float(max(1, len(groups))))
-        if pairs:
+        m.add("pairs/judged", float(len(pairs)), float(max(1, len(groups))), shared=True)
+        if pairs:  # every pair's, on every process (Reference.fill shares the work out)
             self.reference.fill(model, pairs, progress=False)
+        self._filler = pairs[0] if pairs else None
         m.add("time/rollout", time.perf_counter() - t0, 1.0)
         self._metrics = m.out()
-        return pairs
+        return pairs[dist.rank() :: dist.world()]
+
+    def filler(self) -> Encoded | None:
+        """A pair with its reference log-probs, for a process that holds none this step; None without pairs."""
+        return self._filler
 
     def metrics(self) -> Metrics:
         m, self._metrics = self._metrics, {}

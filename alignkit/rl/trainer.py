@@ -23,6 +23,20 @@ truncation are not applied when scoring: the sampler draws from the truncated di
 scores under the full one at temperature T, so with ``top_p < 1`` or ``top_k > 0`` the samples are slightly
 off-policy, a mismatch that is not corrected here.
 
+Several processes (torchrun) compute exactly what one process computes with the same global settings, by
+construction: every process draws the same prompts for a dynamic-sampling round, generates and scores (rewards)
+its share ``[rank::world]`` of them, and the round's groups are then gathered to every process in the order of
+the draw, so dynamic sampling and the curriculum decide alike everywhere. A prompt's samples are seeded by what
+they are (run seed, rollout, round, the prompt's position in the round's draw), never by the process that
+generates them, and each sample draws from its own generator (``LocalEngine.generate``'s ``seeds``), so its
+randomness does not depend on which process or batch produced it (its logits can, by rounding: a prompt
+decoded alone runs without padding, where bf16 kernels round differently; ``rollout_batch = num_generations``
+decodes every prompt's samples on their own, which removes that too). The per-token scoring passes are split
+over the processes and gathered too, so every process holds the whole rollout and computes the advantages and
+the KL controller's update over it; each optimizer step is the mini-batch one process would take, and a
+process trains on its share ``[rank::world]`` of it. ``prompts_per_step`` counts the prompts of each process, as
+``batch_size`` does: a rollout draws ``prompts_per_step x processes`` prompts.
+
 A completion without a reward (every reward function returned None, raised or timed out) is masked: it gets
 no gradient and enters no group statistic (mean, std, leave-one-out baseline). With ``mask_truncated``
 (DAPO's overlong filtering) a completion cut at ``max_new_tokens`` gets no gradient either, but its reward
@@ -34,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -46,7 +61,7 @@ from alignkit.losses.policy import get_aggregation, get_kl_estimator, value_loss
 from alignkit.models.logprobs import autocast, hidden_states, project_logps
 from alignkit.rl.objective import KLController, Objective, compute_advantages, policy_objective
 from alignkit.rl.rollout import SamplingParams
-from alignkit.train import dist
+from alignkit.train import dist, strategy
 from alignkit.train.loop import Metrics, micro_batches
 
 log = logging.getLogger("alignkit")
@@ -147,46 +162,59 @@ class Group:
 
 
 class Sums:
-    """Metrics as ``name -> [sum, count]``, plus ``x/sumsq`` beside ``x/mean`` for a standard deviation."""
+    """Metrics as ``name -> [sum, count]``, plus ``x/sumsq`` beside ``x/mean`` for a standard deviation.
+
+    The loop sums every process's pairs. ``shared=True`` marks a value every process holds alike (computed from
+    the gathered rollout): it is counted once, on the main process, and the others add zeros under the same
+    name (every process must report the same names).
+    """
 
     def __init__(self):
         self.d: dict[str, list[float]] = {}
 
-    def add(self, name: str, total: float, count: float) -> None:
+    def add(self, name: str, total: float, count: float, *, shared: bool = False) -> None:
+        if shared and dist.rank() != 0:
+            total, count = 0.0, 0.0
         s = self.d.setdefault(name, [0.0, 0.0])
         s[0] += total
         s[1] += count
 
-    def values(self, name: str, xs) -> None:
+    def values(self, name: str, xs, *, shared: bool = False) -> None:
         xs = [float(x) for x in xs]
-        self.add(f"{name}/mean", sum(xs), len(xs))
-        self.add(f"{name}/sumsq", sum(x * x for x in xs), len(xs))
+        self.add(f"{name}/mean", sum(xs), len(xs), shared=shared)
+        self.add(f"{name}/sumsq", sum(x * x for x in xs), len(xs), shared=shared)
 
     def out(self) -> Metrics:
         return {k: (v[0], v[1]) for k, v in self.d.items()}
 
 
-def rollout_seed(seed: int, rollout: int, round_: int, rank: int) -> int:
-    """The sampling seed of one draw: a hash of (run seed, rollout, dynamic-sampling round, rank), so no two
-    draws of a run share a seed however many rounds, rollouts or ranks there are (an arithmetic mix such as
-    ``(rollout * 101 + round) * 64 + rank`` collides past 101 rounds or 64 ranks)."""
-    digest = hashlib.blake2b(f"{seed}/{rollout}/{round_}/{rank}".encode(), digest_size=8).digest()
+def rollout_seed(seed: int, rollout: int, round_: int, position: int) -> int:
+    """The sampling seed of one prompt of a rollout: a hash of (run seed, rollout, dynamic-sampling round, the
+    prompt's position in the round's draw over all processes). It names what is sampled, not who samples it, so
+    any number of processes sample what one would; and no two prompts of a run share a seed however many
+    rounds, rollouts or prompts there are (an arithmetic mix such as ``(rollout * 101 + round) * 64 + position``
+    collides past 101 rounds or 64 positions)."""
+    digest = hashlib.blake2b(f"{seed}/{rollout}/{round_}/{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator seed
 
 
 class Collector:
-    """Draws prompts, samples groups, scores them; dynamic sampling and the curriculum act here."""
+    """Draws prompts, samples groups, scores them; dynamic sampling and the curriculum act here (module
+    docstring: each process samples its share of a round, and every process gets the whole round)."""
 
     def __init__(self, engine, rewards, prompts: list[Prompt], sampler, cfg, *, dynamic=None, curriculum=None):
         self.engine, self.rewards, self.prompts, self.sampler = engine, rewards, prompts, sampler
         self.cfg, self.dynamic, self.curriculum = cfg, dynamic, curriculum
 
-    def sampling(self, rollout: int, round_: int) -> SamplingParams:
+    def sampling(self) -> SamplingParams:
+        """How to sample; the seeds go per prompt to the engine (:func:`rollout_seed`)."""
         return SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                              max_new_tokens=self.cfg.max_new_tokens, stop=self.cfg.stop_strings,
-                              seed=rollout_seed(self.cfg.seed, rollout, round_, dist.rank()))
+                              max_new_tokens=self.cfg.max_new_tokens, stop=self.cfg.stop_strings)
 
-    def score(self, groups_in: list[tuple[int, list]], m: Sums) -> list[Group]:
+    def score(self, groups_in: list[tuple[int, list]]) -> tuple[list[Group], dict[str, int]]:
+        """The groups of ``(prompt index, completions)`` with their rewards, and each reward function's failures."""
+        if not groups_in:
+            return [], {}
         flat_p, flat_c, cols, lengths = [], [], {}, []
         for idx, comps in groups_in:
             p = self.prompts[idx]
@@ -197,39 +225,24 @@ class Collector:
                 for k, v in p.columns.items():
                     cols.setdefault(k, []).append(v)
         scores = self.rewards(flat_p, flat_c, {**cols, "lengths": lengths})
-        for name, vals in scores.per_function.items():
-            got = [v for v in vals if v is not None]
-            m.values(f"reward/{name}", got)
-            m.add(f"reward/{name}/failed", float(scores.failures.get(name, 0)), 1.0)
         groups, k = [], 0
         for idx, comps in groups_in:
             n = len(comps)
             per = {name: vals[k : k + n] for name, vals in scores.per_function.items()}
             groups.append(Group(idx, self.prompts[idx], comps, scores.total[k : k + n], per))
             k += n
-        return groups
+        return groups, dict(scores.failures)
 
     def collect(self, rollout: int, n_prompts: int, m: Sums) -> list[Group]:
-        world, rank = dist.world(), dist.rank()
+        """The rollout's groups over all processes (the same list on each): ``n_prompts`` of them, or with dynamic
+        sampling up to ``n_prompts`` with rewards that differ."""
         counter = {"round": 0}
 
         def draw(k: int) -> list[Group]:
             r = counter["round"]
             counter["round"] += 1
-            idx = self.sampler.draw(k * world, rollout, r)[rank::world]
-            t0 = time.perf_counter()
-            outs = self.engine.generate([self.prompts[i].ids for i in idx], self.cfg.num_generations, self.sampling(rollout, r))
-            dt = time.perf_counter() - t0
-            n_tok = sum(len(c.token_ids) for g in outs for c in g)
-            m.add("time/generate", dt, 1.0)
-            m.add("rollout/tokens_per_s", n_tok / max(dt, 1e-9), 1.0)
-            comps = [c for g in outs for c in g]
-            m.values("completion/length", [len(c.token_ids) for c in comps])
-            m.add("completion/truncated", sum(c.finish_reason == "length" for c in comps), len(comps))
-            t1 = time.perf_counter()
-            groups = self.score(list(zip(idx, outs)), m)
-            m.add("time/reward", time.perf_counter() - t1, 1.0)
-            m.values("reward", [r for g in groups for r in g.raw if r is not None])
+            idx = self.sampler.draw(k, rollout, r)  # the round's draw, the same on every process
+            groups = self._sample(idx, [rollout_seed(self.cfg.seed, rollout, r, pos) for pos in range(len(idx))], m)
             if self.curriculum is not None:
                 for g in groups:
                     self.curriculum.update(g.index, [r for r in g.raw if r is not None])
@@ -240,11 +253,44 @@ class Collector:
         else:
             groups, stats = self.dynamic.fill(draw, n_prompts)
             for k in ("rounds", "drawn", "kept", "dropped"):
-                m.add(f"dynamic_sampling/{k}", float(stats[k]), 1.0)
+                m.add(f"dynamic_sampling/{k}", float(stats[k]), 1.0, shared=True)
         if self.curriculum is not None:
             for k, v in self.curriculum.metrics().items():
                 if v == v:  # not NaN
-                    m.add(k, float(v), 1.0)
+                    m.add(k, float(v), 1.0, shared=True)
+        return groups
+
+    def _sample(self, idx: list[int], seeds: list[int], m: Sums) -> list[Group]:
+        """Groups of the prompts ``idx`` (one round's draw): this process generates and scores positions
+        ``[rank::world]``, then every process gets them all, in the order of ``idx``."""
+        world, rank = dist.world(), dist.rank()
+        mine = list(range(rank, len(idx), world))
+        t0 = time.perf_counter()
+        outs = self.engine.generate([self.prompts[idx[p]].ids for p in mine], self.cfg.num_generations,
+                                    self.sampling(), seeds=[seeds[p] for p in mine]) if mine else []
+        dt = time.perf_counter() - t0
+        m.add("time/generate", dt, 1.0)
+        m.add("rollout/tokens_per_s", sum(len(c.token_ids) for g in outs for c in g) / max(dt, 1e-9), 1.0)
+        t1 = time.perf_counter()
+        local, failures = self.score([(idx[p], comps) for p, comps in zip(mine, outs)])
+        m.add("time/reward", time.perf_counter() - t1, 1.0)
+        groups: list = [None] * len(idx)
+        failed: dict[str, int] = {}
+        shares = dist.all_gather_object(([(g.completions, g.raw, g.per_function) for g in local], failures))
+        for r, (part, fails) in enumerate(shares):  # process r sampled positions r, r + world, ...
+            for j, (comps, raw, per) in enumerate(part):
+                p = r + j * world
+                groups[p] = Group(idx[p], self.prompts[idx[p]], comps, raw, per)
+            for name, n in fails.items():
+                failed[name] = failed.get(name, 0) + n
+        # the round's statistics from the gathered groups, as one process computes them
+        comps = [c for g in groups for c in g.completions]
+        m.values("completion/length", [len(c.token_ids) for c in comps], shared=True)
+        m.add("completion/truncated", sum(c.finish_reason == "length" for c in comps), len(comps), shared=True)
+        for name in groups[0].per_function if groups else ():
+            m.values(f"reward/{name}", [v for g in groups for v in g.per_function[name] if v is not None], shared=True)
+            m.add(f"reward/{name}/failed", float(failed.get(name, 0)), 1.0, shared=True)
+        m.values("reward", [r for g in groups for r in g.raw if r is not None], shared=True)
         return groups
 
 
@@ -257,12 +303,14 @@ class Rollouts:
         self.reference = reference  # a frozen model, "adapters" (LoRA off), or None when no KL is used
         self.updates = cfg.ppo_epochs * cfg.mini_batches
         self.n_steps = n_steps
-        self.buffer: list[Encoded] = []
+        self.buffer: list[Encoded] = []  # every kept group of the rollout, the same on every process
         self.buffer_rollout = -1
+        self._fresh = True
         self._metrics: Metrics = {}
 
     # ---- StepSource
     def rows(self, step: int, model) -> list[Encoded]:
+        """This process's share ``[rank::world]`` of the step's mini-batch (the one a single process would take)."""
         rollout, u = divmod(step, self.updates)
         if self.buffer_rollout != rollout:
             self._rollout(rollout, model)
@@ -271,10 +319,20 @@ class Rollouts:
         if epoch > 0:  # later passes see the groups in a new seeded order
             g = torch.Generator().manual_seed(self.cfg.seed + 7919 * rollout + epoch)
             order = torch.randperm(len(self.buffer), generator=g).tolist()
-        mine = [self.buffer[i] for i in order[part :: self.cfg.mini_batches]]
+        step_rows = [self.buffer[i] for i in order[part :: self.cfg.mini_batches]]
+        mine = step_rows[dist.rank() :: dist.world()]
+        self._fresh = u == 0
         for r in mine:
             r.extra["fresh"] = u == 0
         return mine
+
+    def filler(self) -> Encoded | None:
+        """Any one row of the rollout (a copy, marked like this step's rows), for a process that holds no row in a
+        step to run a weightless forward on; None when the rollout kept nothing."""
+        if not self.buffer:
+            return None
+        row = self.buffer[0]
+        return replace(row, extra={**row.extra, "fresh": self._fresh})
 
     def metrics(self) -> Metrics:
         m, self._metrics = self._metrics, {}
@@ -297,15 +355,15 @@ class Rollouts:
         t0 = time.perf_counter()
         policy = policy_of(model)
         self.collector.engine.update_weights(policy)
-        groups = self.collector.collect(rollout, self.cfg.prompts_per_step, m)
+        groups = self.collector.collect(rollout, self.cfg.prompts_per_step * dist.world(), m)
         rows = [self._row(g) for g in groups]
         if rows:
             self._score_tokens(model, rows, m)
         else:
-            m.add("rollout/skipped", 1.0, 1.0)
+            m.add("rollout/skipped", 1.0, 1.0, shared=True)
         self.buffer, self.buffer_rollout = rows, rollout
         m.add("time/rollout", time.perf_counter() - t0, 1.0)
-        m.add("kl_coef", self.kl.beta, 1.0)
+        m.add("kl_coef", self.kl.beta, 1.0, shared=True)
         self._metrics = m.out()
 
     def _row(self, g: Group) -> Encoded:
@@ -323,19 +381,10 @@ class Rollouts:
         obj = replace(self.obj, kl_coef=self.kl.beta)
         need_old = self.updates > 1 or (obj.uses_kl and obj.kl_in == "reward")
         need_values = obj.needs_value_model
-        was_training = model.training
-        model.eval()
-        for mb in micro_batches(rows, self.cfg.batch_size, False):
-            with autocast(self.cfg.precision):
-                if need_old or need_values:
-                    fw = forward(model, mb, self.pad_id, self.cfg.logits_chunk, values=need_values,
-                                 temperature=self.cfg.temperature)
-                    _split(mb, "old", fw.logp_N)
-                    if need_values:
-                        _split(mb, "old_values", fw.values_N)
-                if obj.uses_kl:
-                    _split(mb, "ref", self._reference_logps(model, mb))
-        model.train(was_training)
+        keys = [k for k, on in (("old", need_old or need_values), ("old_values", need_values), ("ref", obj.uses_kl))
+                if on]
+        if keys:
+            self._score_passes(model, rows, obj, need_old or need_values, need_values, keys)
         # advantages over the whole rollout (REINFORCE++ and whitening normalise across it)
         G = len(rows[0].responses)
         segs = torch.cat([torch.arange(len(r.responses)).repeat_interleave(torch.tensor([len(x) for x in r.responses])) + i * G
@@ -358,19 +407,53 @@ class Rollouts:
             _split(rows, "returns", returns[real])
         valid_adv = adv[mask.bool()]
         if valid_adv.numel():
-            m.values("advantage", valid_adv.tolist())
-            m.add("advantage/abs", float(valid_adv.abs().sum()), float(valid_adv.numel()))
+            m.values("advantage", valid_adv.tolist(), shared=True)
+            m.add("advantage/abs", float(valid_adv.abs().sum()), float(valid_adv.numel()), shared=True)
         if obj.uses_kl:
             old = torch.cat([r.extra["old"] for r in rows]) if need_old else None
             if old is not None:
                 k1 = unflatten(old - torch.cat([r.extra["ref"] for r in rows]), segs, S) * mask
                 seq_kl = k1.sum(-1)
-                m.add("rollout/kl", float(seq_kl.sum()), float(S))
-                # the controller moves by the number of samples in the batch, summed over processes (Ziegler et
-                # al. 1909.08593, TRL, OpenRLHF), with the batch's mean KL per completion
+                m.add("rollout/kl", float(seq_kl.sum()), float(S), shared=True)
+                # the controller moves by the number of samples in the rollout (Ziegler et al. 1909.08593, TRL,
+                # OpenRLHF), with its mean KL per completion: every process holds the whole rollout, so each
+                # makes the same update from the global numbers
                 total = torch.tensor([float(seq_kl.sum()), float(S)], dtype=torch.float64)
-                dist.all_reduce_sum(total)
                 self.kl.update(float(total[0] / total[1]), int(total[1]))
+
+    def _score_passes(self, model, rows: list[Encoded], obj: Objective, policy_pass: bool, need_values: bool,
+                      keys: list[str]) -> None:
+        """Behaviour log-probs, old values and reference log-probs of every row, without gradient: process ``r``
+        scores rows ``[r::world]`` and every process gets every row's.
+
+        A sharded (FSDP2) forward is a collective, so every process makes the same number of model calls: one
+        with fewer micro-batches scores a copy of a row for each missing one and throws the result away.
+        """
+        world, rank = dist.world(), dist.rank()
+        mine = rows[rank::world]
+        batches = micro_batches(mine, self.cfg.batch_size, False)
+        most = math.ceil(math.ceil(len(rows) / world) / self.cfg.batch_size)  # process 0 holds the most rows
+        batches += [[replace(rows[0], extra={})] for _ in range(most - len(batches))]
+        was_training = model.training
+        model.eval()
+        for mb in batches:
+            with autocast(self.cfg.precision):
+                if policy_pass:
+                    fw = strategy.call(model, forward, model, mb, self.pad_id, self.cfg.logits_chunk,
+                                       values=need_values, temperature=self.cfg.temperature)
+                    _split(mb, "old", fw.logp_N)
+                    if need_values:
+                        _split(mb, "old_values", fw.values_N)
+                if obj.uses_kl:
+                    _split(mb, "ref", self._reference_logps(model, mb))
+        model.train(was_training)
+        if world == 1:
+            return
+        device = mine[0].extra[keys[0]].device if mine else batches[0][0].extra[keys[0]].device
+        parts = dist.all_gather_object([{k: r.extra[k].cpu() for k in keys} for r in mine])
+        for p, part in enumerate(parts):
+            for j, values in enumerate(part):
+                rows[p + j * world].extra.update({k: v.to(device) for k, v in values.items()})
 
     def _reference_logps(self, model, rows: list[Encoded]) -> torch.Tensor:
         policy = policy_of(model)
@@ -379,11 +462,14 @@ class Rollouts:
             net = policy
         else:
             ctx, net = contextlib.nullcontext(), self.reference
-        with ctx:
-            batch = collate_shared(rows, self.pad_id)
-            h = hidden_states(net, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-            return project_logps(net, h.reshape(-1, h.shape[-1])[batch["source"]], batch["target"],
-                                 chunk=self.cfg.logits_chunk, temperature=self.cfg.temperature)
+        with ctx:  # the policy with adapters off runs under the training model's sharding, a frozen model its own
+            return strategy.call(model if net is policy else net, self._logps, net, rows)
+
+    def _logps(self, net, rows: list[Encoded]) -> torch.Tensor:
+        batch = collate_shared(rows, self.pad_id)
+        h = hidden_states(net, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        return project_logps(net, h.reshape(-1, h.shape[-1])[batch["source"]], batch["target"],
+                             chunk=self.cfg.logits_chunk, temperature=self.cfg.temperature)
 
 
 def _split(rows: list[Encoded], key: str, flat_N: torch.Tensor) -> None:
