@@ -63,6 +63,7 @@ MECH = "tests/test_rl_mechanisms.py"
 LOOP = "tests/test_clip.py"
 GUARDS = "tests/test_guards.py"
 FIXES = "tests/test_rl_fixes.py"
+DIST = "tests/test_rl_distributed.py"
 
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- online RL: rollouts and the engine
@@ -180,6 +181,33 @@ MUTATIONS: list[Mutation] = [
     Mutation("overlong_not_filtered", "alignkit/rl/trainer.py",
              'self.cfg.use_mask_truncated and c.finish_reason == "length"', "False",
              (FIXES,), "preset=dapo trains on truncated completions", k="overlong_filtering_masks"),
+    # ---------------------------------------------------------------- online RL: several processes == one
+    Mutation("seed_by_rank", "alignkit/rl/trainer.py",
+             "rollout_seed(self.cfg.seed, rollout, r, pos) for pos",
+             "rollout_seed(self.cfg.seed, rollout, r, dist.rank()) for pos",
+             (DIST,), "prompts are seeded by the process that samples them: 2 processes sample other completions",
+             k="dynamic_sampling_and_a_kl"),
+    Mutation("row_generators_shared", "alignkit/rl/rollout.py",
+             "        if row_seeds is not None:", "        if False:",
+             (DIST,), "seeded rows draw from one generator: a sample's tokens depend on its batch and chunk",
+             k="seeded_rows"),
+    Mutation("whole_step_on_every_process", "alignkit/rl/trainer.py",
+             "mine = step_rows[dist.rank() :: dist.world()]", "mine = step_rows",
+             (DIST,), "every process trains on the whole step: the gradients are counted once per process",
+             k="share_of_the_step"),
+    Mutation("shared_metrics_on_every_process", "alignkit/rl/trainer.py",
+             "if shared and dist.rank() != 0:", "if False:",
+             (DIST,), "a statistic of the gathered rollout is counted once per process", k="counted_once"),
+    Mutation("groups_kept_per_process", "alignkit/rl/trainer.py",
+             "        # the round's statistics from the gathered groups, as one process computes them",
+             "        groups = [groups[p] for p in mine]",
+             (DIST,), "each process keeps only the groups it sampled: dynamic sampling decides differently on each",
+             k="zero_variance"),
+    Mutation("kl_controller_summed_over_processes", "alignkit/rl/trainer.py",
+             "self.kl.update(float(total[0] / total[1]), int(total[1]))",
+             "self.kl.update(float(dist.all_reduce_sum(total)[0] / total[1]), int(total[1]))",
+             (DIST,), "the KL controller counts the whole rollout's samples once per process",
+             k="dynamic_sampling_and_a_kl"),
     # ---------------------------------------------------------------- SFT
     Mutation("sft_prompt_in_loss", "alignkit/data/collate.py",
              "[False] * len(row.prompt) + response_mask(row, response)",
