@@ -64,6 +64,7 @@ LOOP = "tests/test_clip.py"
 GUARDS = "tests/test_guards.py"
 FIXES = "tests/test_rl_fixes.py"
 DIST = "tests/test_rl_distributed.py"
+FSDP2 = "tests/test_fsdp2.py"
 
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- online RL: rollouts and the engine
@@ -117,7 +118,8 @@ MUTATIONS: list[Mutation] = [
              k="micro_batch_split"),
     # ---------------------------------------------------------------- the training loop
     Mutation("global_normaliser", "alignkit/train/loop.py",
-             "task.loss(model, mb, normaliser)", "task.loss(model, mb, 1.0)",
+             "loss, metrics = strategy.call(model, task.loss, model, mb.rows, normaliser)",
+             "loss, metrics = strategy.call(model, task.loss, model, mb.rows, 1.0)",
              (LOOP,), "the loss is not divided by the step's global weight (token or pair count)",
              k="loop_step"),
     Mutation("grad_clip_loop", "alignkit/train/loop.py",
@@ -234,10 +236,32 @@ MUTATIONS: list[Mutation] = [
              ("tests/test_equivalence.py::test_accumulation_equals_whole_batch[dpo]",),
              "DPO divides by the micro-batch's pairs instead of the step's"),
     Mutation("dpo_reference_zero", "alignkit/recipes/dpo.py",
-             "return response_logps(net, rows, n_resp, self.pad_id, self.chunk, self.shared)[0]",
+             "return strategy.call(net, response_logps, net, rows, n_resp, self.pad_id, self.chunk, self.shared)[0]",
              "return torch.zeros(len(rows), len(n_resp))",
              ("tests/test_equivalence.py::test_first_step_policy_equals_reference",),
              "DPO's reference log-probs are zeros (no reference model)"),
+    # ---------------------------------------------------------------- sharding (strategy=fsdp2)
+    Mutation("fsdp2_sum_on_root_only", "alignkit/train/strategy.py",
+             "for m in root.modules():  # per unit", "for m in [root]:  # per unit",
+             (FSDP2 + "::test_two_sharded_processes_equal_one",), "the layers' gradients are averaged (1/N), not summed",
+             k="sft-default"),
+    Mutation("fsdp2_no_filler_passes", "alignkit/train/strategy.py",
+             "for _ in range(most - len(batches)):", "for _ in range(0):",
+             (FSDP2,), "a process with fewer rows skips the collectives the others are in (a hang)", k="fewer_rows"),
+    Mutation("engine_reads_shards", "alignkit/rl/rollout.py",
+             "with torch.no_grad(), strategy.gathered(model):", "with torch.no_grad():",
+             (FSDP2,), "the rollout engine's copy is refreshed from the local shards, not the whole weights",
+             k="dynamic_sampling_equals"),
+    Mutation("sharded_checkpoint_not_loaded", "alignkit/train/checkpoint.py",
+             "dcp.load(both, checkpoint_id=str(path))", "pass",
+             (FSDP2,), "resume restores nothing from a sharded checkpoint", k="sharded_resume"),
+    Mutation("reference_pass_not_split", "alignkit/recipes/dpo.py",
+             "mine = rows[rank::world]", "mine = rows",
+             (FSDP2 + "::test_two_sharded_processes_equal_one",), "each process computes every reference row (and "
+             "the gathered shares land on the wrong rows)", k="dpo-default"),
+    Mutation("final_not_gathered", "alignkit/recipes/common.py",
+             "model = strategy.unsharded(model)", "model = model",
+             (FSDP2,), "final/ is written from one process's shards", k="sharded_equals_ddp"),
 ]
 
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+
 import _toy
 
 COMMON = dict(model="tiny", lr=1e-3, adam_eps=1e-6, max_steps=3, progress=False, seed=0)
@@ -192,3 +193,75 @@ def test_a_model_without_decoder_layers_cannot_be_sharded():
 
     with pytest.raises(ConfigError, match="strategy=fsdp2.*strategy=ddp"):
         strategy.shard(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------- online RL, sharded
+
+
+def _rl_two_sharded(method: str, args: list[str], timeout: float = 180) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "alignkit.cli", method, *args, "strategy=fsdp2"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_sharded_grpo_with_dynamic_sampling_equals_one_process(tmp_path):
+    """The rollout engine samples from a whole copy refreshed from the gathered shards; the reference (full
+    fine-tuning, KL in the reward) is sharded too; the rollout is the same on both sides, so the steps are."""
+    from alignkit.cli import main
+    from test_rl_distributed import _args, _write_data, assert_same_rl_run
+
+    data, reward = _write_data(tmp_path, [i % 3 == 0 for i in range(32)])
+    settings = dict(preset="dapo", mask_truncated="false", kl_in="reward", kl_estimator="k1", kl_coef=0.05,
+                    mini_batches=2, max_steps=4, batch_size=1)
+    assert main(["grpo", *_args(data, reward, tmp_path / "one", prompts_per_step=8, **settings)]) == 0
+    _rl_two_sharded("grpo", _args(data, reward, tmp_path / "two", prompts_per_step=4, **settings))
+    h = assert_same_rl_run(tmp_path / "one", tmp_path / "two", "grpo fsdp2 2 x 4 prompts vs 1 x 8")
+    assert sum(r.get("dynamic_sampling/dropped", 0) for r in h) > 0
+
+
+def test_sharded_grpo_where_one_process_holds_fewer_rows_joins_with_fillers(tmp_path):
+    """Rank 1's draws are all flat (zero variance), so the kept groups are rank 0's: 3 per step, dealt 2 and 1
+    at one group per micro-batch. Rank 1 runs a weightless filler pass to join rank 0's second micro-batch (a
+    sharded forward and backward are collectives): without it the run hangs (the timeout) or fails."""
+    from alignkit.cli import main
+    from alignkit.rl.sampling import PromptSampler
+    from test_rl_distributed import COMMON as RL, _args, _write_data, assert_same_rl_run
+
+    n = 32
+    order = PromptSampler(n, seed=RL["seed"])._perm(0)
+    flat = [False] * n
+    for pos in range(1, n, 2):
+        flat[order[pos]] = True
+    data, reward = _write_data(tmp_path, flat)
+    settings = dict(preset="dapo", mask_truncated="false", max_sampling_rounds=2, max_steps=3, batch_size=1)
+    assert main(["grpo", *_args(data, reward, tmp_path / "one", prompts_per_step=4, **settings)]) == 0
+    _rl_two_sharded("grpo", _args(data, reward, tmp_path / "two", prompts_per_step=2, **settings), timeout=120)
+    h = assert_same_rl_run(tmp_path / "one", tmp_path / "two", "grpo fsdp2, rank 1 all flat")
+    assert all(r["dynamic_sampling/kept"] == 3 for r in h)
+
+
+def test_sharded_ppo_with_a_separate_value_model_equals_one_process(tmp_path):
+    """PPO's policy and its separate critic backbone are sharded in one FSDP2 model (the actor-critic), the frozen
+    reference on its own; the value head is gathered into final/value_head.pt."""
+    from alignkit.cli import main
+    from test_rl_distributed import _args, _write_data
+
+    data, reward = _write_data(tmp_path, [False] * 32)
+    settings = dict(value_model="separate", max_steps=3, batch_size=1, mini_batches=1, ppo_epochs=1)
+    assert main(["ppo", *_args(data, reward, tmp_path / "one", prompts_per_step=4, **settings)]) == 0
+    _rl_two_sharded("ppo", _args(data, reward, tmp_path / "two", prompts_per_step=2, **settings))
+    # PPO's loss (~2.3, policy plus value loss) is summed in float32 in another order: a few ulps (1e-6 relative)
+    ma, mb = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(ma) == len(mb) == 3
+    for ra, rb in zip(ma, mb):
+        assert ra["value/loss"] == rb["value/loss"] and ra["reward/mean"] == rb["reward/mean"]
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6 * abs(ra["loss"]), (ra["loss"], rb["loss"])
+        assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-5
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    one = torch.load(tmp_path / "one" / "final" / "value_head.pt")
+    two = torch.load(tmp_path / "two" / "final" / "value_head.pt")
+    assert one.keys() == two.keys() and all((one[k] - two[k]).abs().max() < 1e-5 for k in one)
+    assert any(one[k].abs().max() > 0 for k in one), "the value head (zero at the start) has trained"
