@@ -210,6 +210,10 @@ MUTATIONS: list[Mutation] = [
              "self.kl.update(float(dist.all_reduce_sum(total)[0] / total[1]), int(total[1]))",
              (DIST,), "the KL controller counts the whole rollout's samples once per process",
              k="dynamic_sampling_and_a_kl"),
+    Mutation("online_dpo_pairs_on_every_process", "alignkit/recipes/online_dpo.py",
+             "        return pairs[dist.rank() :: dist.world()]", "        return pairs",
+             (DIST,), "every process trains on all of online DPO's pairs (the same step, each process's work doubled)",
+             k="share_of_the_pairs"),
     # ---------------------------------------------------------------- SFT
     Mutation("sft_prompt_in_loss", "alignkit/data/collate.py",
              "[False] * len(row.prompt) + response_mask(row, response)",

@@ -11,6 +11,7 @@ docstring): the same prompts, the same completions, the same kept groups, advant
    final weights within 1e-5.
 4. The same when one process's groups all have zero variance in every round (it used to keep nothing): the run
    ends, and equals one process.
+5. Online DPO, 2 processes x 4 == 1 x 8, and each process trains on its share of the pairs.
 
 The reward file (written by the tests): a row with ``flat`` true gets 1.0 for every completion (a zero-variance
 group, dropped by dynamic sampling); any other row gets 0, 1, 2, ... for the completions of its prompt in the
@@ -187,9 +188,9 @@ def _args(data: Path, reward: Path, out: Path, **settings) -> list[str]:
             *(f"{k}={v}" for k, v in {**COMMON, **settings}.items())]
 
 
-def _two_processes(args: list[str], timeout: float = 120) -> float:
+def _two_processes(args: list[str], timeout: float = 120, command: str = "grpo") -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "alignkit.cli", "grpo", *args]
+           "--master_port", str(_free_port()), "-m", "alignkit.cli", command, *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=timeout)
@@ -247,3 +248,42 @@ def test_a_process_whose_groups_all_have_zero_variance(tmp_path):
     seconds = _two_processes(_args(data, reward, tmp_path / "two", prompts_per_step=2, **settings), timeout=90)
     h = assert_same_rl_run(one, tmp_path / "two", f"grpo, rank 1 all flat ({seconds:.0f} s)")
     assert all(r["dynamic_sampling/kept"] == 3 and r["dynamic_sampling/dropped"] == 3 for r in h)
+
+
+def test_online_dpo_two_processes_equal_one(tmp_path):
+    """Online DPO gathers the groups too: both processes judge every group alike and each trains on its share of
+    the pairs (a flat group gives no pair, so the pair count varies from step to step)."""
+    data, reward = _write_data(tmp_path, [i % 3 == 0 for i in range(32)])
+    settings = dict(max_steps=3, batch_size=1)
+    one = tmp_path / "one"
+    assert main(["online-dpo", *_args(data, reward, one, prompts_per_step=8, **settings)]) == 0
+    seconds = _two_processes(_args(data, reward, tmp_path / "two", prompts_per_step=4, **settings),
+                             command="online-dpo")
+    ma, mb = metrics(one), metrics(tmp_path / "two")
+    for ra, rb in zip(ma, mb):
+        assert ra["pairs/judged"] == rb["pairs/judged"] and ra["reward/mean"] == rb["reward/mean"]
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6
+    w = max_diff(weights(one), weights(tmp_path / "two"))
+    print(f"\n[online-dpo 2 processes x 4 prompts vs 1 x 8 ({seconds:.0f} s)] max |diff|: weights {w:.2e}")
+    assert len(ma) == 3 and len({r["pairs/judged"] for r in ma}) > 1 and w <= 1e-5
+
+
+def test_online_dpo_each_process_trains_on_its_share_of_the_pairs(monkeypatch):
+    """Each process returns its share of the pairs (every process holding them all would take the same step, the
+    normaliser counting each pair once per process, so only this sees it)."""
+    from alignkit.recipes.online_dpo import JudgedPairs
+    from alignkit.rl.trainer import Group, Prompt
+
+    groups = [Group(i, Prompt([1, 2], "p"), [SimpleNamespace(token_ids=[5 + i]), SimpleNamespace(token_ids=[6])],
+                    [1.0, 0.0 if i != 3 else 1.0], {}) for i in range(7)]  # group 3: a tie, no pair
+    collector = SimpleNamespace(engine=SimpleNamespace(update_weights=lambda model: None),
+                                collect=lambda step, n, m: groups)
+    source = JudgedPairs(collector, SimpleNamespace(fill=lambda model, rows, progress: None),
+                         SimpleNamespace(prompts_per_step=4), n_steps=1)
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(dist, "world", lambda: 2)
+        shares.append([r.index for r in source.rows(0, None)])
+        assert source.filler().index == 0
+    assert shares == [[0, 2, 5], [1, 4, 6]]
