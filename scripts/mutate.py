@@ -263,6 +263,10 @@ MUTATIONS: list[Mutation] = [
              "mine = rows[rank::world]", "mine = rows",
              (FSDP2 + "::test_two_sharded_processes_equal_one",), "each process computes every reference row (and "
              "the gathered shares land on the wrong rows)", k="dpo-default"),
+    Mutation("metrics_not_unioned", "alignkit/train/loop.py",
+             "names = sorted(set().union(*dist.all_gather_object(names)))", "pass",
+             (FSDP2,), "a process with no rows reduces other metric tensors than the others (gloo aborts)",
+             k="no_rows_in_a_step and ddp"),
     Mutation("final_not_gathered", "alignkit/recipes/common.py",
              "model = strategy.unsharded(model)", "model = model",
              (FSDP2,), "final/ is written from one process's shards", k="sharded_equals_ddp"),

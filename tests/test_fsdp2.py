@@ -265,3 +265,27 @@ def test_sharded_ppo_with_a_separate_value_model_equals_one_process(tmp_path):
     two = torch.load(tmp_path / "two" / "final" / "value_head.pt")
     assert one.keys() == two.keys() and all((one[k] - two[k]).abs().max() < 1e-5 for k in one)
     assert any(one[k].abs().max() > 0 for k in one), "the value head (zero at the start) has trained"
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_a_process_with_no_rows_in_a_step_joins_the_metrics(tmp_path, layout):
+    """One prompt per process and one sampling round: rank 1's group is always flat, so rank 1 holds no row in
+    any step. It reports none of the task's metrics, and the loop reduces metrics over the union of the names
+    (a tensor per name otherwise: gloo aborts on the size mismatch); under fsdp2 it also joins every pass."""
+    from alignkit.rl.sampling import PromptSampler
+    from test_rl_distributed import COMMON as RL, _args, _write_data
+
+    order = PromptSampler(32, seed=RL["seed"])._perm(0)
+    flat = [False] * 32
+    for pos in range(1, 32, 2):
+        flat[order[pos]] = True
+    data, reward = _write_data(tmp_path, flat)
+    args = _args(data, reward, tmp_path / "two", prompts_per_step=1, preset="dapo", mask_truncated="false",
+                 max_sampling_rounds=1, max_steps=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "alignkit.cli", "grpo", *args, f"strategy={layout}"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    h = metrics(tmp_path / "two")
+    assert [r["step"] for r in h] == [1, 2] and all("loss" in r and r["dynamic_sampling/kept"] == 1 for r in h)

@@ -436,6 +436,9 @@ def _global_sum(x: float) -> float:
 
 def _reduce(sums: dict[str, list[float]], n_tokens: int) -> dict:
     names = sorted(sums)
+    if dist.world() > 1:  # a process with no rows this step has none of the task's names: reduce over the union
+        names = sorted(set().union(*dist.all_gather_object(names)))
+        sums = {k: sums.get(k, [0.0, 0.0]) for k in names}
     t = torch.tensor([sums[k] for k in names] + [[float(n_tokens), 0.0]], dtype=torch.float64)
     dist.all_reduce_sum(t)
     record = derive_std({k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(names)})
