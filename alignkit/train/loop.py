@@ -241,8 +241,11 @@ class _StopRequests:
         self.signum = signum
         signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # the next one stops at once
         if dist.rank() == 0:
-            print(f"\nalignkit: {signal.Signals(signum).name}: stopping after this step (a checkpoint is written); "
-                  "send it again to stop at once", file=sys.stderr, flush=True)
+            # os.write, not print: the signal may land while logging is writing to the same buffered stderr, and a
+            # second buffered write from the handler is a "reentrant call" error (found by the chaos test)
+            msg = (f"\nalignkit: {signal.Signals(signum).name}: stopping after this step (a checkpoint is written); "
+                   "send it again to stop at once\n")
+            os.write(sys.stderr.fileno(), msg.encode())
 
     def requested(self) -> bool:
         flag = 1.0 if self.signum is not None else 0.0
