@@ -194,7 +194,7 @@ class RolloutConfig(TrainConfig):
     stop: str = opt("", "Stop string, or a JSON list of them (e.g. '[\"\\n\\n\", \"Question:\"]'; in YAML a list).", list_as="json")
     rollout_precision: str = opt("bf16", "Generation precision: a bf16 copy of the weights (fast) or the fp32 model.", ("bf16", "fp32"))
     rollout_batch: int = opt(64, "Sequences generated at once.")
-    rollout_fast_decode: bool = opt(True, "Lean decode steps for Llama-style models (false: transformers' forward).")
+    rollout_fast_decode: bool = opt(True, "Lean decode steps for Llama-style models on the CPU (false: transformers' forward).")
     rewards: str = opt("correctness", "Comma-separated reward functions (in YAML a list): correctness, format, length, overlong, language, rm:PATH, module:function or file.py:function.", list_as="comma")
     reward_weights: str = opt("", "Comma-separated weights of the reward functions (default: all 1; in YAML a list).", list_as="comma")
     reward_timeout: float = opt(30.0, "Seconds a reward function may take per call before its completions get no reward.")

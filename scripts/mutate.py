@@ -270,6 +270,21 @@ MUTATIONS: list[Mutation] = [
     Mutation("final_not_gathered", "alignkit/recipes/common.py",
              "model = strategy.unsharded(model)", "model = model",
              (FSDP2,), "final/ is written from one process's shards", k="sharded_equals_ddp"),
+    Mutation("rl_batch_not_moved", "alignkit/rl/trainer.py",
+             "batch = on_model(collate_shared(rows, pad_id), policy)", "batch = collate_shared(rows, pad_id)",
+             ("tests/test_device.py",), "the policy loss feeds CPU batches to a model on a GPU",
+             k="online_recipe and grpo-lora"),
+    Mutation("rl_kept_values_on_device", "alignkit/rl/trainer.py",
+             "flat_N = flat_N.detach().float().cpu()", "flat_N = flat_N.detach().float()",
+             ("tests/test_device.py",), "rollout rows keep per-token values on the GPU between steps",
+             k="online_recipe and ppo"),
+    Mutation("rl_policy_placed_late", "alignkit/recipes/rl.py",
+             "    strategy.place(policy, cfg.device)\n", "",
+             ("tests/test_device.py",), "the engine's copy and the 'before' evaluation stay on the CPU",
+             k="online_recipe and grpo-lora"),
+    Mutation("lean_decode_off_cpu", "alignkit/rl/rollout.py",
+             'if self.fast_decode and device.type == "cpu" else None', "if self.fast_decode else None",
+             ("tests/test_device.py",), "the CPU's lean decode step runs on a GPU", k="online_recipe and grpo-lora"),
 ]
 
 

@@ -109,10 +109,6 @@ class _Checks(TorchDispatchMode):
         self.autocast_devices: list[str] = []
 
     def check(self, func, tensors, on, kwargs):
-        gen = kwargs.get("generator")
-        if gen is not None and (on or _fake(kwargs.get("device"))) != _fake(getattr(gen, "asked", None)):
-            raise DeviceMix(f"{func}: a generator made for {getattr(gen, 'asked', 'cpu')} draws "
-                            f"{'on the model device' if on or _fake(kwargs.get('device')) else 'on the CPU'}")
         if not on:
             return
         self.ops_on_device += 1
@@ -130,10 +126,17 @@ class _Checks(TorchDispatchMode):
 
 class _FromData(TorchFunctionMode):
     """``torch.tensor(data, device=meta)`` would make a real meta tensor (no values): build it on the CPU, wrap it.
-    ``.tolist()`` refuses tensor subclasses: read the CPU tensor inside, as a GPU tensor is read."""
+    ``.tolist()`` refuses tensor subclasses: read the CPU tensor inside, as a GPU tensor is read. A random op
+    whose generator was made for another device than the one it draws on fails, as on CUDA."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        gen = kwargs.get("generator")
+        if gen is not None:  # checked here: below, in dispatch, the generator is a new object without ``asked``
+            on = _fake(kwargs.get("device")) or any(isinstance(t, OnDevice) for t in tree_leaves(args))
+            if on != _fake(getattr(gen, "asked", None)):
+                raise DeviceMix(f"{func.__name__}: a generator made for {getattr(gen, 'asked', 'cpu')} draws "
+                                f"{'on the model device' if on else 'on the CPU'}, in\n{_where()}")
         if func is torch.Tensor.tolist and isinstance(args[0], OnDevice):  # as on a GPU: a copy to the host
             return args[0].inner.tolist()
         if func in _FROM_DATA:

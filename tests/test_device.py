@@ -31,9 +31,12 @@ import torch
 
 import _toy
 from _fake_device import DeviceMix, fake_device, foreach_on_fake_device, is_fake
-from alignkit.config import DPOConfig, RMConfig, SFTConfig
+from alignkit.config import DPOConfig, OnlineDPOConfig, RLConfig, RMConfig, SFTConfig
 from alignkit.models.device import model_device, remember, to_device
-from alignkit.recipes import dpo, rm, sft
+from alignkit.recipes import dpo, online_dpo, rl, rm, sft
+from alignkit.recipes.online_dpo import JudgedPairs
+from alignkit.rl import rollout
+from alignkit.rl.trainer import Rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(model="tiny", max_steps=2, batch_size=4, eval_fraction=0.25, progress=False, seed=0, lr=1e-3,
@@ -85,8 +88,8 @@ def _data(kind: str, d: Path) -> str:
                 "aspects": _aspect_data, "steps": _step_data}[kind](d))
 
 
-def _run(module, cfg, monkeypatch, seen: dict):
-    """``module.run(cfg)`` with the final save stubbed, recording what ``train`` is given."""
+def _run(module, cfg, monkeypatch, seen: dict, run=None):
+    """``module.run(cfg)`` (or ``run(cfg)``) with the final save stubbed, recording what ``train`` is given."""
     real_train = module.train
 
     def train(task, model, rows, cfg_, **kw):
@@ -100,7 +103,7 @@ def _run(module, cfg, monkeypatch, seen: dict):
         monkeypatch.setattr(rm, "save", lambda model, tok, meta, out, merge=True: seen.update(meta=meta))
     else:
         monkeypatch.setattr(module, "save_final", lambda *a, **k: None)
-    return module.run(cfg)
+    return (run or module.run)(cfg)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -124,6 +127,55 @@ def test_recipe_keeps_every_tensor_on_the_model_device(case, tmp_path, monkeypat
         assert all(math.isfinite(x) for x in seen["meta"].mean + seen["meta"].std)
     last = summary.get("train_last", summary.get("train", summary))
     assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
+
+
+RL_CASES = {
+    # KL to the policy with its adapters off; the engine's bf16 copy generates on the device
+    "grpo-lora": (rl, RLConfig, dict(preset="grpo", lora=True)),
+    # a frozen reference model for the KL; the fp32 engine generates with the training model itself
+    "grpo-full-fp32-rollout": (rl, RLConfig, dict(preset="grpo", rollout_precision="fp32")),
+    # a separate critic, its values and returns, two epochs over the rollout (behaviour log-probs kept on rows)
+    "ppo-separate-critic": (rl, RLConfig, dict(preset="ppo", value_model="separate", ppo_epochs=2)),
+    "online-dpo": (online_dpo, OnlineDPOConfig, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(RL_CASES))
+def test_online_recipe_keeps_every_tensor_on_the_model_device(case, tmp_path, monkeypatch):
+    """Online RL on the fake device: generation, rewards, the scoring passes (behaviour, values, reference), the
+    advantages and the policy loss. Values kept on rollout rows between steps rest on the CPU; the CPU-only
+    lean decode step is not used on another device."""
+    module, cls, extra = RL_CASES[case]
+    foreach_on_fake_device(monkeypatch)
+    reward = tmp_path / "reward.py"
+    reward.write_text((ROOT / "tests" / "_toy.py").read_text())
+    cfg = cls(data=str(_toy.prompt_jsonl(tmp_path)), rewards=f"{reward}:max_digit_reward",
+              output_dir=str(tmp_path / "out"), device="meta", precision="bf16", prompts_per_step=4,
+              num_generations=2, max_new_tokens=4, **{**COMMON, "batch_size": 2}, **extra)
+
+    def no_lean_decode(model):
+        raise AssertionError("the CPU's lean decode step ran on another device")
+
+    monkeypatch.setattr(rollout, "fast_decoder", no_lean_decode)
+    monkeypatch.setattr(rl.torch, "save", lambda *a, **k: None)  # PPO's value head: a fake tensor is not written
+    given: list = []  # every row a step source hands the loop
+    for source in (Rollouts, JudgedPairs):
+        def rows(self, step, model, _real=source.rows):
+            out = _real(self, step, model)
+            given.extend(out)
+            return out
+
+        monkeypatch.setattr(source, "rows", rows)
+    seen: dict = {}
+    with fake_device() as checks:
+        seen["checks"] = checks
+        summary = _run(rl, cfg, monkeypatch, seen, run=module.run)
+    assert seen["placed"].type == "meta", "the policy was not on its device when the loop began"
+    assert checks.autocast_devices and set(checks.autocast_devices) == {"meta"}, checks.autocast_devices
+    assert seen["ops_before_loop"] > 0  # the held-out evaluation generated there
+    kept = [t for r in given for t in r.extra.values() if isinstance(t, torch.Tensor)]
+    assert kept and all(not is_fake(t) and t.device.type == "cpu" for t in kept), "kept values must be on the CPU"
+    assert summary["steps"] == cfg.max_steps and math.isfinite(summary["loss"]) and math.isfinite(summary["grad_norm"])
 
 
 def test_fake_device_computes_what_the_cpu_computes(tmp_path, monkeypatch):
@@ -170,6 +222,25 @@ def test_cpu_labels_are_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(dpo.torch, "tensor", cpu_tensor)
     with pytest.raises(DeviceMix), fake_device():
         _run(dpo, cfg, monkeypatch, {})
+
+
+def test_a_generator_of_the_wrong_device_is_caught():
+    """A CPU generator drawing on the model's device (or the reverse) fails as on CUDA; one made for the device
+    draws there, seeded as on the CPU."""
+    with fake_device():
+        on_device = torch.Generator(device="meta").manual_seed(3)
+        x = torch.rand(4, dtype=torch.float64, device="meta", generator=on_device)
+        assert is_fake(x) and torch.equal(x.cpu(), torch.rand(4, dtype=torch.float64, generator=_cpu_gen(3)))
+        with pytest.raises(DeviceMix, match="made for cpu draws on the model device"):
+            torch.rand(4, device="meta", generator=torch.Generator().manual_seed(3))
+        with pytest.raises(DeviceMix, match="made for meta draws on the CPU"):
+            torch.randperm(4, generator=torch.Generator(device="meta"))
+        with pytest.raises(DeviceMix):
+            torch.multinomial(torch.ones(2, 3).to("meta"), 1, generator=torch.Generator().manual_seed(0))
+
+
+def _cpu_gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def test_reward_scorer_scores_on_the_model_device():

@@ -26,11 +26,12 @@ def test_gpu_check_small_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["errors"] == {} and report["size"] == "small" and report["device"] == "cpu"
     assert report["model"]["vocab"] == 49152 and report["peak_bf16_tflops"] > 0
-    for part in ("sft", "dpo"):
+    for part in ("sft", "dpo", "grpo"):
         r = report[part]
         assert r["steps"] == r["timed_steps"] + 1 and r["skipped_steps"] == 0
         assert r["tokens_per_step"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] > 0
         assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
+    assert report["grpo"]["generate_s_median"] > 0 and report["grpo"]["rollout_s_median"] > 0
     mm = report["mismatch"]
     assert mm["engine_fp32_vs_trainer_fp32"]["mean_abs_dlogp"] < 1e-4
     for key, r in mm.items():

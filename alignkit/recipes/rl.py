@@ -141,6 +141,8 @@ def prepare_online(cfg: RolloutConfig) -> Online:
     prompts, held = encode_split(cfg, tok, train_ex, held_ex)
     write_config(cfg)
     rewards.warm_up()
+    # on its device before the engine copies it and the "before" evaluation generates (sharded later, by the loop)
+    strategy.place(policy, cfg.device)
     engine = LocalEngine(policy, tok, precision=cfg.rollout_precision, max_batch=cfg.rollout_batch,
                          fast_decode=cfg.rollout_fast_decode)
     evaluate = evaluator(engine, rewards, held, policy, cfg) if held else None

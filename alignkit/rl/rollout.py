@@ -186,7 +186,9 @@ class LocalEngine:
 
     The prompts are prefilled with transformers' forward. Decode steps of Llama-style models (the bf16 copy, or
     an fp32 model without adapters) run :class:`alignkit.rl.decode.FastDecoder`, which does the same arithmetic
-    with less overhead per step; ``fast_decode=False`` keeps transformers' forward for them too.
+    with less overhead per step; ``fast_decode=False`` keeps transformers' forward for them too. Both speed paths
+    are CPU ones, measured on the CPU (``bench/decode_parts.py``): on another device the copy keeps plain
+    ``nn.Linear`` layers and every step runs transformers' forward, with its SDPA or flash attention kernels.
 
     ``eos_ids`` holds the token ids that end a completion: the tokenizer's EOS and the model's
     ``generation_config.eos_token_id`` (set it to an empty set to always run to ``max_new_tokens``).
@@ -293,7 +295,7 @@ class LocalEngine:
         pos_PT = (mask_PT.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=unwrap(net).config)  # the config gives sliding-window layers their own kind
         logits_PV = _forward(net, ids_PT, mask_PT, pos_PT, cache)
-        fast = fast_decoder(unwrap(net)) if self.fast_decode else None
+        fast = fast_decoder(unwrap(net)) if self.fast_decode and device.type == "cpu" else None
         if fast is not None:
             cache = KVBuffer.from_cache(cache, capacity=T + sampling.max_new_tokens)
 

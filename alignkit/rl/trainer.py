@@ -58,6 +58,7 @@ from torch import nn
 from alignkit.data.collate import collate_shared
 from alignkit.data.tokenize import Encoded
 from alignkit.losses.policy import get_aggregation, get_kl_estimator, value_loss
+from alignkit.models.device import model_device, on_model
 from alignkit.models.logprobs import autocast, hidden_states, project_logps
 from alignkit.rl.objective import KLController, Objective, compute_advantages, policy_objective
 from alignkit.rl.rollout import SamplingParams
@@ -100,7 +101,7 @@ def unflatten(x_N: torch.Tensor, segment_N: torch.Tensor, n_segments: int) -> to
     """``[S, T]`` from flat per-token values whose segments are contiguous runs (0 where a segment is shorter)."""
     counts = torch.bincount(segment_N, minlength=n_segments)
     starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(x_N.shape[0]) - starts[segment_N]
+    pos = torch.arange(x_N.shape[0], device=x_N.device) - starts[segment_N]
     out = x_N.new_zeros(n_segments, int(counts.max()) if n_segments else 0)
     return out.index_put((segment_N, pos), x_N)
 
@@ -119,8 +120,8 @@ class Forward:
 
 
 def forward(model, rows: list[Encoded], pad_id: int, chunk: int, *, values: bool, temperature: float = 1.0) -> Forward:
-    batch = collate_shared(rows, pad_id)
     policy = policy_of(model)
+    batch = on_model(collate_shared(rows, pad_id), policy)
     h_BTD = hidden_states(policy, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
     h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])[batch["source"]]
     logp_N = project_logps(policy, h_ND, batch["target"], chunk=chunk, temperature=temperature)
@@ -437,7 +438,7 @@ class Rollouts:
         was_training = model.training
         model.eval()
         for mb in batches:
-            with autocast(self.cfg.precision):
+            with autocast(self.cfg.precision, model_device(policy_of(model))):
                 if policy_pass:
                     fw = strategy.call(model, forward, model, mb, self.pad_id, self.cfg.logits_chunk,
                                        values=need_values, temperature=self.cfg.temperature)
@@ -449,11 +450,10 @@ class Rollouts:
         model.train(was_training)
         if world == 1:
             return
-        device = mine[0].extra[keys[0]].device if mine else batches[0][0].extra[keys[0]].device
-        parts = dist.all_gather_object([{k: r.extra[k].cpu() for k in keys} for r in mine])
+        parts = dist.all_gather_object([{k: r.extra[k] for k in keys} for r in mine])  # kept on the CPU (_split)
         for p, part in enumerate(parts):
             for j, values in enumerate(part):
-                rows[p + j * world].extra.update({k: v.to(device) for k, v in values.items()})
+                rows[p + j * world].extra.update(values)
 
     def _reference_logps(self, model, rows: list[Encoded]) -> torch.Tensor:
         policy = policy_of(model)
@@ -466,18 +466,20 @@ class Rollouts:
             return strategy.call(model if net is policy else net, self._logps, net, rows)
 
     def _logps(self, net, rows: list[Encoded]) -> torch.Tensor:
-        batch = collate_shared(rows, self.pad_id)
+        batch = on_model(collate_shared(rows, self.pad_id), net)
         h = hidden_states(net, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         return project_logps(net, h.reshape(-1, h.shape[-1])[batch["source"]], batch["target"],
                              chunk=self.cfg.logits_chunk, temperature=self.cfg.temperature)
 
 
 def _split(rows: list[Encoded], key: str, flat_N: torch.Tensor) -> None:
-    """Store a flat per-token tensor of a micro-batch back on its rows (in ``collate_shared``'s order)."""
+    """Store a flat per-token tensor of a micro-batch back on its rows (in ``collate_shared``'s order), on the CPU
+    with the rows' other values, whatever device computed it."""
+    flat_N = flat_N.detach().float().cpu()
     k = 0
     for r in rows:
         n = sum(len(x) for x in r.responses)
-        r.extra[key] = flat_N[k : k + n].detach().float().clone()
+        r.extra[key] = flat_N[k : k + n].clone()
         k += n
 
 
@@ -507,7 +509,8 @@ class PolicyTask:
         obj = replace(self.obj, kl_coef=self.kl.beta)
         critic = obj.needs_value_model
         fw = forward(model, rows, self.pad_id, self.chunk, values=critic, temperature=self.temperature)
-        cat = lambda key: torch.cat([r.extra[key] for r in rows])  # noqa: E731
+        dev = fw.logp_N.device  # the rows' values rest on the CPU; the loss is computed where the model computes
+        cat = lambda key: torch.cat([r.extra[key] for r in rows]).to(dev)  # noqa: E731
         mask = fw.bt(cat("valid").float())
         logp = fw.bt(fw.logp_N)
         old = logp.detach() if rows[0].extra.get("fresh") else fw.bt(cat("old"))

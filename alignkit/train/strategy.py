@@ -155,10 +155,12 @@ def prepare(model: nn.Module, cfg) -> Layout:
 
 
 def place(model: nn.Module, name: str = "auto") -> torch.device:
-    """Move an unsharded ``model`` to this process's device (:func:`device`) and return the device."""
+    """Move an unsharded ``model`` to this process's device (:func:`device`) and return the device. Every part is
+    moved, not only when the first parameter is elsewhere: a model assembled from placed and new parts (the RL
+    policy, placed before its rollout engine is built, inside a new actor-critic) must not leave a part behind."""
     dev = device(name)
-    if model not in _ROOTS and next(model.parameters()).device != dev:
-        model.to(dev)
+    if model not in _ROOTS:
+        model.to(dev)  # tensors already there are not copied
     return dev
 
 
