@@ -267,6 +267,97 @@ def test_sharded_ppo_with_a_separate_value_model_equals_one_process(tmp_path):
     assert any(one[k].abs().max() > 0 for k in one), "the value head (zero at the start) has trained"
 
 
+def _reward_model(directory: Path) -> Path:
+    from alignkit.models.reward import RewardMeta, load_reward_backbone, save_meta
+
+    model, tok = load_reward_backbone("tiny", 1, seed=3)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    save_meta(directory, RewardMeta(mean=[0.1], std=[2.0]))
+    return directory
+
+
+SHARDED_RM = """
+import json, sys, types
+import torch
+from torch.distributed.tensor import DTensor
+from alignkit.rl.rewards import RewardContext, build_reward_set
+from alignkit.train import dist, strategy
+
+path, out = sys.argv[1], sys.argv[2]
+dist.init()
+cfg = types.SimpleNamespace(strategy="fsdp2", device="cpu", precision="fp32", cpu_offload=False)
+rs = build_reward_set(f"rm:{path}", "", RewardContext(place_model=lambda m: strategy.prepare(m, cfg)))
+rs.warm_up()
+fn = rs.functions[0][1]
+assert rs.collective and isinstance(next(fn._scorer.model.parameters()), DTensor)
+texts = [" 4", " five", " 2+2 is 4", " I think it is 4.", " no", " 4!", " four", " 3"]
+got = []
+# rank 0 scores 5 completions (3 batches of 2) while rank 1 scores none, then 1 against 3
+for share in ((5, 0), (1, 3)):
+    n = share[dist.rank()]
+    got.append(rs(["2+2="] * n, texts[:n], {}).per_function["rm"])
+json.dump(got, open(f"{out}/rank{dist.rank()}.json", "w"))
+"""
+
+
+def test_a_sharded_reward_model_scores_unequal_shares_as_one_process(tmp_path):
+    """``rewards=rm:PATH`` under fsdp2: the reward model is sharded over the processes (DTensor parameters), and
+    processes that score different numbers of completions, none included, agree on the number of passes and
+    make up the difference with fillers (without that the run hangs: the timeout); the rewards are the
+    unsharded model's."""
+    from alignkit.rl.rewards import RewardContext, build_reward_set
+
+    path = _reward_model(tmp_path / "rm")
+    script = tmp_path / "sharded_rm.py"
+    script.write_text(SHARDED_RM)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(path), str(tmp_path)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    whole = build_reward_set(f"rm:{path}", "", RewardContext(timeout=0))
+    texts = [" 4", " five", " 2+2 is 4", " I think it is 4.", " no", " 4!", " four", " 3"]
+    assert rank1[0] == [] and len(rank0[0]) == 5
+    assert rank0[0] == pytest.approx(whole(["2+2="] * 5, texts[:5], {}).per_function["rm"], abs=1e-6)
+    assert rank0[1] == pytest.approx(whole(["2+2="], texts[:1], {}).per_function["rm"], abs=1e-6)
+    assert rank1[1] == pytest.approx(whole(["2+2="] * 3, texts[:3], {}).per_function["rm"], abs=1e-6)
+
+
+@pytest.mark.parametrize("case", ["weighted", "a-process-without-groups"])
+def test_sharded_grpo_with_a_reward_model_equals_one_process(tmp_path, case):
+    """GRPO rewarded by a reward model (``rm:PATH``) beside a function: 2 sharded processes, each scoring its
+    share of the groups with the sharded reward model, take the steps one process takes. In the second case the
+    model's weight is 0 and rank 1's first draw is always flat, so dynamic sampling's second round draws one
+    prompt, rank 0's: rank 1 has no completion to score and still joins the reward model's passes."""
+    from alignkit.cli import main
+    from alignkit.rl.sampling import PromptSampler
+    from test_rl_distributed import COMMON as RL, _args, _write_data, assert_same_rl_run
+
+    flat = [False] * 32
+    settings = dict(max_steps=3, batch_size=1, reward_weights="1,0.5")
+    per_process = 2
+    if case == "a-process-without-groups":
+        for pos in range(1, 32, 2):
+            flat[PromptSampler(32, seed=RL["seed"])._perm(0)[pos]] = True
+        settings.update(reward_weights="0,1", preset="dapo", mask_truncated="false", max_sampling_rounds=2)
+        per_process = 1
+    data, reward = _write_data(tmp_path, flat)
+    rm = _reward_model(tmp_path / "rm")
+
+    def args(out: str, prompts: int) -> list[str]:
+        got = _args(data, reward, tmp_path / out, prompts_per_step=prompts, **settings)
+        return [f"rewards=rm:{rm},{reward}:counting" if a.startswith("rewards=") else a for a in got]
+
+    assert main(["grpo", *args("one", 2 * per_process)]) == 0
+    _rl_two_sharded("grpo", args("two", per_process), timeout=120)
+    h = assert_same_rl_run(tmp_path / "one", tmp_path / "two", f"grpo fsdp2 with rm: ({case})")
+    assert all("reward/rm/mean" in r for r in h)
+    if case == "a-process-without-groups":
+        assert all(r["dynamic_sampling/rounds"] == 2 for r in h), h
+
+
 @pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
 def test_a_process_with_no_rows_in_a_step_joins_the_metrics(tmp_path, layout):
     """One prompt per process and one sampling round: rank 1's group is always flat, so rank 1 holds no row in

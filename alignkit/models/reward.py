@@ -29,6 +29,7 @@ from torch import Tensor
 
 from alignkit.models.device import model_device, to_device
 from alignkit.models.logprobs import autocast, hidden_states, unwrap
+from alignkit.train import dist, strategy
 
 META = "alignkit_rm.json"
 STEP_AGGREGATIONS = ("min", "prod")
@@ -138,22 +139,34 @@ class RewardScorer:
         return cls(model, AutoTokenizer.from_pretrained(path), meta, **kwargs)
 
     def _batched(self, seqs: list[list[int]], fn) -> list:
+        """``fn(batch, idx)`` over the sequences in batches of similar length; the values in the input order.
+
+        A model sharded with FSDP2 over several processes (``rewards=rm:PATH`` under ``strategy=fsdp2``) runs
+        each pass as a collective: the processes first agree on the largest number of batches any of them has,
+        and one with fewer makes up the difference with passes over a one-token filler (results dropped)."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: list = [None] * len(seqs)
         dev = model_device(self.model)
+        starts = list(range(0, len(order), self.batch_size))
+        passes = len(starts)
+        if dist.world() > 1 and strategy.is_sharded(self.model):  # agreed before the first pass
+            passes = int(dist.all_reduce_max(torch.tensor([passes], dtype=torch.int64)).item())
         with torch.no_grad(), autocast(self.precision, dev):
-            for start in range(0, len(order), self.batch_size):
+            for start in starts:
                 idx = order[start : start + self.batch_size]
                 batch = to_device(pad([(seqs[i], [True] * len(seqs[i])) for i in idx], self.tok.pad_token_id), dev)
-                for i, value in zip(idx, fn(batch, idx)):
+                for i, value in zip(idx, strategy.call(self.model, fn, batch, idx)):
                     out[i] = value
+            for _ in range(passes - len(starts)):
+                filler = to_device(pad([([self.tok.pad_token_id], [True])], self.tok.pad_token_id), dev)
+                strategy.call(self.model, sequence_rewards, self.model, filler["input_ids"], filler["attention_mask"])
         return out
 
     def score_aspects(self, prompts: list, responses: list) -> torch.Tensor:
         """Raw head outputs ``[N, K]``, one column per aspect."""
         seqs = [sum(render(self.tok, p, r), []) for p, r in zip(prompts, responses)]
         rows = self._batched(seqs, lambda b, _: sequence_rewards(self.model, b["input_ids"], b["attention_mask"]).cpu())
-        return torch.stack(rows)
+        return torch.stack(rows) if rows else torch.empty(0, len(self.meta.weights))
 
     def score(self, prompts: list, responses: list, *, normalize: bool = True) -> torch.Tensor:
         """One reward ``[N]`` per response: the aspects (normalised by the training mean and std) weighted."""

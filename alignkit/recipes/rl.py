@@ -128,7 +128,8 @@ def prepare_online(cfg: RolloutConfig) -> Online:
     setup_logging()
     seed_everything(cfg.seed)
     ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
-                        overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4))
+                        overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4),
+                        place_model=lambda model: strategy.prepare(model, cfg))  # a reward model: frozen, sharded
     rewards = build_reward_set(cfg.rewards, cfg.reward_weights, ctx)
     train_ex, held_ex = load_prompts(cfg)
     check_reward_columns(rewards, train_ex, cfg.data)

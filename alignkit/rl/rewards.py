@@ -49,6 +49,16 @@ An abandoned call may still be running when the next batch calls the same functi
 should be thread-safe (the built-in ones and ``rm:`` are). Each case counts in :attr:`RewardScores.failures` and logs ONE warning per function per batch naming the
 function, the count and the first exception. ``None`` returned on purpose ("does not apply") is not a
 failure.
+
+Reward models on the run's device, sharded
+------------------------------------------
+A reward model (``rm:PATH``) is put where the policy computes by the context's ``place_model`` (the run's
+device; under ``strategy=fsdp2`` sharded over the processes like the policy, so each holds 1/N of it). A
+sharded forward is a collective, so every process must make the same number of them: such a function is
+COLLECTIVE (``fn.collective``). The set calls it in the caller's thread, with no deadline and no retry (a
+process cannot time out or retry alone while the others wait in a collective), and on every call, even one
+with no completions on this process; its scorer agrees with the other processes on the number of batches
+before the first and makes up the difference with filler passes.
 """
 
 from __future__ import annotations
@@ -70,6 +80,7 @@ from typing import Any
 from alignkit.errors import ConfigError
 from alignkit.rl import verifiable as V
 from alignkit.rl.verifiable import RewardFn
+from alignkit.train import dist, strategy
 
 __all__ = [
     "REWARD_FUNCTIONS",
@@ -93,13 +104,15 @@ class RewardContext:
 
     ``max_new_tokens``: the generation limit L (DAPO overlong shaping); ``overlong_buffer``: its buffer B
     (penalty from ``L - B`` tokens on); ``language``: the target language of ``language`` (``en``/``zh``);
-    ``timeout``: seconds one reward function may take on one batch (0 or less: no limit).
+    ``timeout``: seconds one reward function may take on one batch (0 or less: no limit); ``place_model``:
+    puts a loaded reward model where the run computes (its device, sharded under ``strategy=fsdp2``).
     """
 
     max_new_tokens: int = 1024
     overlong_buffer: int = 256
     language: str = "en"
     timeout: float = 30.0
+    place_model: Callable[[Any], Any] | None = field(default=None, compare=False)  # a reward model, once loaded
 
 
 @dataclass(frozen=True)
@@ -188,18 +201,27 @@ class RewardModelReward:
 
     group_aware = False
 
-    def __init__(self, path: str | Path, **scorer_kwargs: Any):
+    def __init__(self, path: str | Path, place: Callable[[Any], Any] | None = None, **scorer_kwargs: Any):
         self.path = Path(path)
+        self.place = place  # puts the loaded model on the run's device (sharded under strategy=fsdp2)
         self.scorer_kwargs = scorer_kwargs
         self._scorer = None
         self._lock = threading.Lock()
+
+    @property
+    def collective(self) -> bool:
+        """Whether scoring is a collective (the model sharded over several processes): module docstring."""
+        return self._scorer is not None and dist.world() > 1 and strategy.is_sharded(self._scorer.model)
 
     def warm_up(self) -> None:
         with self._lock:
             if self._scorer is None:
                 from alignkit.models.reward import RewardScorer
 
-                self._scorer = RewardScorer.load(self.path, **self.scorer_kwargs)
+                scorer = RewardScorer.load(self.path, **self.scorer_kwargs)
+                if self.place is not None:
+                    self.place(scorer.model)
+                self._scorer = scorer
 
     def __call__(self, prompts: Sequence, completions: Sequence, **_: Any) -> list:
         self.warm_up()
@@ -257,7 +279,7 @@ def load_reward_function(spec: str, ctx: RewardContext) -> tuple[str, RewardFn]:
         path = Path(spec[3:].strip())
         if not (path / META).is_file():
             raise ConfigError(f"reward {spec!r}: {path} is not an alignkit reward model directory (no {META})")
-        return "rm", RewardModelReward(path)
+        return "rm", RewardModelReward(path, place=ctx.place_model)
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr.isidentifier():
         get_reward(spec)  # raises the "unknown reward function" message listing the choices
@@ -384,6 +406,11 @@ class RewardSet:
             if callable(getattr(fn, "warm_up", None)):
                 fn.warm_up()
 
+    @property
+    def collective(self) -> bool:
+        """Whether a function's call is a collective, which every process must make (module docstring)."""
+        return any(getattr(fn, "collective", False) for _, fn, _ in self.functions)
+
     def __call__(self, prompts: Sequence, completions: Sequence, columns: dict[str, Sequence] | None = None) -> RewardScores:
         n = len(completions)
         columns = dict(columns or {})
@@ -393,7 +420,16 @@ class RewardSet:
         per_function: dict[str, list[float | None]] = {}
         failures: dict[str, int] = {}
         for name, fn, _ in self.functions:
-            per_function[name], failures[name] = self._score(name, fn, list(prompts), list(completions), columns)
+            if getattr(fn, "collective", False):  # every process calls it, in this thread (module docstring)
+                values, failures[name], problem = _check_values(fn(list(prompts), list(completions), **columns), n)
+                if problem:
+                    log.warning("reward function %r %s: %d of %d completions get no reward", name, problem,
+                                failures[name], n)
+                per_function[name] = values
+            elif n == 0:
+                per_function[name], failures[name] = [], 0
+            else:
+                per_function[name], failures[name] = self._score(name, fn, list(prompts), list(completions), columns)
         total: list[float | None] = []
         for i in range(n):
             parts = [w * per_function[name][i] for name, _, w in self.functions if per_function[name][i] is not None]

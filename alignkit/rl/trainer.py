@@ -215,6 +215,8 @@ class Collector:
     def score(self, groups_in: list[tuple[int, list]]) -> tuple[list[Group], dict[str, int]]:
         """The groups of ``(prompt index, completions)`` with their rewards, and each reward function's failures."""
         if not groups_in:
+            if self.rewards.collective:  # a sharded reward model: this process joins the others' passes
+                self.rewards([], [], {"lengths": []})
             return [], {}
         flat_p, flat_c, cols, lengths = [], [], {}, []
         for idx, comps in groups_in:
