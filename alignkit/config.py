@@ -195,6 +195,9 @@ class RolloutConfig(TrainConfig):
     rollout_precision: str = opt("bf16", "Generation precision: a bf16 copy of the weights (fast) or the fp32 model.", ("bf16", "fp32"))
     rollout_batch: int = opt(64, "Sequences generated at once.")
     rollout_fast_decode: bool = opt(True, "Lean decode steps for Llama-style models on the CPU (false: transformers' forward).")
+    rollout_backend: str = opt("local", "Where completions are generated: in this process (local), or by Ray actors (ray: pip install alignkit[ray]).", ("local", "ray"))
+    rollout_workers: int = opt(2, "rollout_backend=ray: rollout actors, each with an engine of its own.")
+    ray_address: str = opt("", "rollout_backend=ray: the cluster to join ('auto', or ray://host:port); empty: start Ray here with this machine's cores.")
     rewards: str = opt("correctness", "Comma-separated reward functions (in YAML a list): correctness, format, length, overlong, language, rm:PATH, module:function or file.py:function.", list_as="comma")
     reward_weights: str = opt("", "Comma-separated weights of the reward functions (default: all 1; in YAML a list).", list_as="comma")
     reward_timeout: float = opt(30.0, "Seconds a reward function may take per call before its completions get no reward.")
@@ -216,7 +219,7 @@ class RolloutConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("prompts_per_step", "num_generations", "max_new_tokens", "rollout_batch"):
+        for name in ("prompts_per_step", "num_generations", "max_new_tokens", "rollout_batch", "rollout_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.temperature <= 0:

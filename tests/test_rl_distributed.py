@@ -276,8 +276,8 @@ def test_online_dpo_each_process_trains_on_its_share_of_the_pairs(monkeypatch):
 
     groups = [Group(i, Prompt([1, 2], "p"), [SimpleNamespace(token_ids=[5 + i]), SimpleNamespace(token_ids=[6])],
                     [1.0, 0.0 if i != 3 else 1.0], {}) for i in range(7)]  # group 3: a tie, no pair
-    collector = SimpleNamespace(engine=SimpleNamespace(update_weights=lambda model: None),
-                                collect=lambda step, n, m: groups)
+    collector = SimpleNamespace(engine=SimpleNamespace(update_weights=lambda model, version=None: None),
+                                collect=lambda step, n, m, version=None: groups)
     source = JudgedPairs(collector, SimpleNamespace(fill=lambda model, rows, progress: None),
                          SimpleNamespace(prompts_per_step=4), n_steps=1)
     shares = []

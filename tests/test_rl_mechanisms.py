@@ -63,14 +63,14 @@ def test_engine_generates_with_the_current_policy_weights(tmp_path, monkeypatch,
         policies.append(model)
         init(self, model, *a, **kw)
 
-    def checked_generate(self, prompts, n, sampling, seeds=None):
+    def checked_generate(self, prompts, n, sampling, seeds=None, version=None):
         assert self.precision == "bf16"
         policy = {k: v.detach().clone() for k, v in unwrap(policies[0]).named_parameters()}
         engine = _engine_weights(self)
         assert set(engine) == set(policy)
         stale = sorted(k for k in policy if not torch.equal(engine[k], policy[k].to(torch.bfloat16)))
         checks.append((policy, stale))
-        return generate(self, prompts, n, sampling, seeds)
+        return generate(self, prompts, n, sampling, seeds, version)
 
     monkeypatch.setattr(LocalEngine, "__init__", recording_init)
     monkeypatch.setattr(LocalEngine, "generate", checked_generate)

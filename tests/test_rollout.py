@@ -253,7 +253,9 @@ def test_bf16_copy_follows_update_weights(lora):
     _bf16_copy_matches(engine, merged())
     new = engine.generate(prompts, 1, greedy)
     assert new != old
-    assert new == LocalEngine(model, tok, precision="bf16").generate(prompts, 1, greedy)  # fresh copy agrees
+    fresh = LocalEngine(model, tok, precision="bf16")
+    fresh.version = engine.version  # the versions count syncs; the samples must agree
+    assert new == fresh.generate(prompts, 1, greedy)  # a fresh copy agrees
     # bf16 logps are close to the fp32 model's
     for prompt, (c,) in zip(prompts, new):
         lp = _logits(model, prompt, c.token_ids).log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
@@ -265,3 +267,36 @@ def test_generate_text_tokenizes_without_specials():
     engine = LocalEngine(model, tok, precision="fp32")
     sp = SamplingParams(max_new_tokens=4, seed=0)
     assert engine.generate_text(["hi there"], 2, sp) == engine.generate(_prompts(tok, ["hi there"]), 2, sp)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_weight_versions_are_stamped_checked_and_kept_through_sleep(precision):
+    """Every completion carries the version of the weights that sampled it; asking for another version fails
+    (a missed sync); ``sleep`` drops the bf16 copy, ``generate`` refuses until ``wake``, which rebuilds it from
+    the model's weights of now: the same samples as an engine that never slept."""
+    from alignkit.rl.rollout import EngineAsleep, StaleWeights
+
+    model, tok = load_model("tiny", seed=0)
+    engine = LocalEngine(model, tok, precision=precision)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=5)
+    prompt = [tok("hello", add_special_tokens=False)["input_ids"]]
+    assert engine.version == 0
+    assert {c.weight_version for c in engine.generate(prompt, 2, sampling, seeds=[1], version=0)[0]} == {0}
+    engine.update_weights(model)  # the next version
+    engine.update_weights(model, version=7)
+    assert engine.version == 7
+    with pytest.raises(StaleWeights, match="holds version 7"):
+        engine.generate(prompt, 2, sampling, seeds=[1], version=6)
+    engine.sleep()
+    assert engine._copy is None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    engine.update_weights(model, version=8)  # while asleep: taken at wake()
+    with pytest.raises(EngineAsleep):
+        engine.generate(prompt, 2, sampling, seeds=[1])
+    engine.wake()
+    fresh = LocalEngine(model, tok, precision=precision)
+    got = engine.generate(prompt, 2, sampling, seeds=[1], version=8)[0]
+    assert [c.token_ids for c in got] == [c.token_ids for c in fresh.generate(prompt, 2, sampling, seeds=[1])[0]]
+    assert {c.weight_version for c in got} == {8}

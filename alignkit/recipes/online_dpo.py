@@ -73,8 +73,8 @@ class JudgedPairs:
         """This process's share ``[rank::world]`` of the step's pairs (judged alike on every process)."""
         m = Sums()
         t0 = time.perf_counter()
-        self.collector.engine.update_weights(model)
-        groups = self.collector.collect(step, self.cfg.prompts_per_step * dist.world(), m)
+        self.collector.engine.update_weights(model, version=step)
+        groups = self.collector.collect(step, self.cfg.prompts_per_step * dist.world(), m, version=step)
         if self.judge is not None:
             pairs = self.pairwise(groups) if groups else []
         else:

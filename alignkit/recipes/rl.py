@@ -27,13 +27,14 @@ import torch
 from alignkit.config import RLConfig, RolloutConfig
 from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import prompt_ids
-from alignkit.errors import DataError
+from alignkit.errors import ConfigError, DataError
 from alignkit.models.loading import LoraSettings, compile_layers, load_model
 from alignkit.recipes.common import (log_data, resuming, save_final, seed_everything, setup_logging, split_eval,
                                      write_config)
 from alignkit.rl.objective import KLController
 from alignkit.rl.rewards import SUPPLIED_COLUMNS, RewardContext, build_reward_set
-from alignkit.rl.rollout import LocalEngine, SamplingParams
+from alignkit.rl.engines import build_engine
+from alignkit.rl.rollout import RolloutEngine, SamplingParams
 from alignkit.rl.sampling import Curriculum, DynamicSampler, PromptSampler
 from alignkit.rl.trainer import ActorCritic, Collector, PolicyTask, Prompt, Rollouts, ValueHead
 from alignkit.train import dist, strategy
@@ -118,7 +119,7 @@ class Online:
     prompts: list[Prompt]
     held: list[Prompt]
     rewards: object
-    engine: LocalEngine
+    engine: RolloutEngine
     evaluate: object  # () -> dict, or None without held-out prompts
 
 
@@ -126,6 +127,9 @@ def prepare_online(cfg: RolloutConfig) -> Online:
     """Rewards, data and output directory are checked first (a mistake there exits 2 before a model loads)."""
     dist.init()
     setup_logging()
+    if cfg.rollout_backend == "ray" and dist.world() > 1:
+        raise ConfigError("rollout_backend=ray with several training processes is not supported yet: launch the "
+                          "trainer as one process (its Ray workers generate), or use rollout_backend=local")
     seed_everything(cfg.seed)
     ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
                         overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4),
@@ -144,8 +148,7 @@ def prepare_online(cfg: RolloutConfig) -> Online:
     rewards.warm_up()
     # on its device before the engine copies it and the "before" evaluation generates (sharded later, by the loop)
     strategy.place(policy, cfg.device)
-    engine = LocalEngine(policy, tok, precision=cfg.rollout_precision, max_batch=cfg.rollout_batch,
-                         fast_decode=cfg.rollout_fast_decode)
+    engine = build_engine(policy, tok, cfg)
     evaluate = evaluator(engine, rewards, held, policy, cfg) if held else None
     return Online(policy, tok, lora, prompts, held, rewards, engine, evaluate)
 

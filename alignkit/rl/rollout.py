@@ -74,18 +74,59 @@ class Completion:
     text: str
     logps: list[float]
     finish_reason: str
+    weight_version: int = 0  # the version of the weights that sampled it (RolloutEngine.version)
+
+
+class StaleWeights(RuntimeError):
+    """An engine was asked to generate with another weight version than the one it holds."""
+
+
+class EngineAsleep(RuntimeError):
+    """An engine was asked to generate between ``sleep()`` and ``wake()``."""
 
 
 class RolloutEngine(Protocol):
+    """What online RL asks of a rollout engine (:class:`LocalEngine` here, :mod:`alignkit.rl.engines` for the
+    others).
+
+    ``logprob_semantics`` names what ``Completion.logps`` holds: ``"tempered_untruncated"`` is
+    ``log_softmax(logits / T)`` at the token, before top-k/top-p truncation, as the trainer computes it.
+    ``version`` is the weight version the engine holds: set by :meth:`update_weights`, stamped on every
+    completion, and checked by :meth:`generate` when the caller says which version it expects.
+    """
+
+    logprob_semantics: str
+    version: int
+
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
-                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+                 seeds: Sequence[int] | None = None, version: int | None = None) -> list[list[Completion]]:
         """``n`` completions of each prompt (token ids), as ``[len(prompts)][n]`` in sample order; with ``seeds``
-        (one per prompt) each sample's draws depend only on its prompt's seed and its sample index."""
+        (one per prompt) each sample's draws depend only on its prompt's seed and its sample index. With
+        ``version``, raises :class:`StaleWeights` unless the engine holds that weight version."""
         ...
 
-    def update_weights(self, model) -> None:
-        """Make later generations use ``model``'s current weights."""
+    def update_weights(self, model, version: int | None = None) -> None:
+        """Make later generations use ``model``'s current weights, as weight ``version`` (default: the next)."""
         ...
+
+    def sleep(self) -> None:
+        """Free what the engine holds besides the training model (its weight copy, caches) until :meth:`wake`."""
+        ...
+
+    def wake(self) -> None:
+        """Restore what :meth:`sleep` freed, with the weights of the version held before."""
+        ...
+
+    def close(self) -> None:
+        """Release everything (processes, actors, memory); the engine cannot be used afterwards."""
+        ...
+
+
+def check_version(engine, version: int | None) -> None:
+    """Raise :class:`StaleWeights` when ``version`` is given and is not the engine's."""
+    if version is not None and version != engine.version:
+        raise StaleWeights(f"asked to generate with weights version {version}, but the engine holds version "
+                           f"{engine.version}: a weight sync was missed")
 
 
 def sample_next(logits_BV: torch.Tensor, sampling: SamplingParams, u_B: torch.Tensor | None):
@@ -192,7 +233,12 @@ class LocalEngine:
 
     ``eos_ids`` holds the token ids that end a completion: the tokenizer's EOS and the model's
     ``generation_config.eos_token_id`` (set it to an empty set to always run to ``max_new_tokens``).
+
+    ``version`` starts at 0 and follows :meth:`update_weights`. :meth:`sleep` drops the copy (nothing to free in
+    fp32 on an unsharded model); :meth:`wake` rebuilds it from the model it last read.
     """
+
+    logprob_semantics = "tempered_untruncated"
 
     def __init__(self, model, tokenizer, *, precision: str = "bf16", max_batch: int = 64, fast_decode: bool = True):
         if precision not in ("fp32", "bf16"):
@@ -200,23 +246,28 @@ class LocalEngine:
         self.tokenizer, self.precision, self.max_batch, self.fast_decode = tokenizer, precision, max_batch, fast_decode
         self.model = model
         self._copy, self._packed = None, {}
+        self.version, self.asleep = 0, False
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         self.eos_ids = {int(e) for e in eos if e is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
-        self.update_weights(model)
+        self.update_weights(model, version=0)
 
     # ------------------------------------------------------------------------------------------- weights
 
-    def update_weights(self, model) -> None:
-        """Use ``model``'s current weights: fp32 records the model; bf16 copies its merged weights into the copy.
+    def update_weights(self, model, version: int | None = None) -> None:
+        """Use ``model``'s current weights, as weight ``version`` (default: the next): fp32 records the model; bf16
+        copies its merged weights into the copy.
 
         A model sharded with FSDP2 (``strategy=fsdp2``) cannot generate by itself (each forward is a collective and
         the processes generate different prompts), so the engine keeps a whole copy in either precision and
         refreshes it from the gathered weights (a collective: every process calls this).
         """
         self.model = model
+        self.version = self.version + 1 if version is None else version
+        if self.asleep:  # wake() copies them
+            return
         sharded = strategy.is_sharded(model)
         if self.precision == "fp32" and not sharded:
             return
@@ -230,6 +281,17 @@ class LocalEngine:
             for name, layer in self._packed.items():
                 layer.load(merged_parameter(base, name + ".weight"))
 
+    def sleep(self) -> None:
+        self._copy, self._packed, self.asleep = None, {}, True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.asleep = False
+            self.update_weights(self.model, version=self.version)
+
+    def close(self) -> None:
+        self.sleep()
+
     # ------------------------------------------------------------------------------------------ generate
 
     def generate_text(self, prompts: list[str], n: int, sampling: SamplingParams,
@@ -239,14 +301,18 @@ class LocalEngine:
         return self.generate(ids, n, sampling, seeds)
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
-                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+                 seeds: Sequence[int] | None = None, version: int | None = None) -> list[list[Completion]]:
         """``n`` completions for each prompt (token ids), ``[len(prompts)][n]`` in sample order.
 
         A prompt's ``n`` samples always share one batch (so one prefill), even when ``n > max_batch``.
         ``seeds``: one int per prompt; sample ``j`` of prompt ``i`` then draws from its own generator seeded
         :func:`row_seed` ``(seeds[i], j)`` (``sampling.seed`` is not used). Without it, one generator seeded
-        ``sampling.seed`` (random when None) serves the whole call.
+        ``sampling.seed`` (random when None) serves the whole call. ``version``: the weight version the caller
+        expects (:class:`StaleWeights` otherwise).
         """
+        if self.asleep:
+            raise EngineAsleep("the rollout engine is asleep: call wake() before generate()")
+        check_version(self, version)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if seeds is not None and len(seeds) != len(prompts):
@@ -353,7 +419,8 @@ class LocalEngine:
             cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
             if cuts:
                 text = text[: min(cuts)]
-        return Completion(token_ids=token_ids, text=text, logps=logps, finish_reason=reason)
+        return Completion(token_ids=token_ids, text=text, logps=logps, finish_reason=reason,
+                          weight_version=self.version)
 
 
 def _forward(net, ids_BT, mask_BS, pos_BT, cache) -> torch.Tensor:

@@ -236,7 +236,7 @@ class Collector:
             k += n
         return groups, dict(scores.failures)
 
-    def collect(self, rollout: int, n_prompts: int, m: Sums) -> list[Group]:
+    def collect(self, rollout: int, n_prompts: int, m: Sums, version: int | None = None) -> list[Group]:
         """The rollout's groups over all processes (the same list on each): ``n_prompts`` of them, or with dynamic
         sampling up to ``n_prompts`` with rewards that differ."""
         counter = {"round": 0}
@@ -245,7 +245,8 @@ class Collector:
             r = counter["round"]
             counter["round"] += 1
             idx = self.sampler.draw(k, rollout, r)  # the round's draw, the same on every process
-            groups = self._sample(idx, [rollout_seed(self.cfg.seed, rollout, r, pos) for pos in range(len(idx))], m)
+            groups = self._sample(idx, [rollout_seed(self.cfg.seed, rollout, r, pos) for pos in range(len(idx))], m,
+                                  version)
             if self.curriculum is not None:
                 for g in groups:
                     self.curriculum.update(g.index, [r for r in g.raw if r is not None])
@@ -263,14 +264,14 @@ class Collector:
                     m.add(k, float(v), 1.0, shared=True)
         return groups
 
-    def _sample(self, idx: list[int], seeds: list[int], m: Sums) -> list[Group]:
+    def _sample(self, idx: list[int], seeds: list[int], m: Sums, version: int | None = None) -> list[Group]:
         """Groups of the prompts ``idx`` (one round's draw): this process generates and scores positions
         ``[rank::world]``, then every process gets them all, in the order of ``idx``."""
         world, rank = dist.world(), dist.rank()
         mine = list(range(rank, len(idx), world))
         t0 = time.perf_counter()
         outs = self.engine.generate([self.prompts[idx[p]].ids for p in mine], self.cfg.num_generations,
-                                    self.sampling(), seeds=[seeds[p] for p in mine]) if mine else []
+                                    self.sampling(), seeds=[seeds[p] for p in mine], version=version) if mine else []
         dt = time.perf_counter() - t0
         m.add("time/generate", dt, 1.0)
         m.add("rollout/tokens_per_s", sum(len(c.token_ids) for g in outs for c in g) / max(dt, 1e-9), 1.0)
@@ -357,8 +358,9 @@ class Rollouts:
         m = Sums()
         t0 = time.perf_counter()
         policy = policy_of(model)
-        self.collector.engine.update_weights(policy)
-        groups = self.collector.collect(rollout, self.cfg.prompts_per_step * dist.world(), m)
+        version = rollout * self.updates  # the optimizer steps the weights have taken
+        self.collector.engine.update_weights(policy, version=version)
+        groups = self.collector.collect(rollout, self.cfg.prompts_per_step * dist.world(), m, version=version)
         rows = [self._row(g) for g in groups]
         if rows:
             self._score_tokens(model, rows, m)

@@ -1,0 +1,217 @@
+"""``rollout_backend=ray``: rollout workers as Ray actors, each a :class:`~alignkit.rl.rollout.LocalEngine` on a
+copy of the policy.
+
+The trainer keeps the policy; each worker builds the same architecture from its config (random weights, CPU,
+float32) and receives the trainer's weights at every :meth:`RayEngine.update_weights`: the full tensors under
+their plain Hugging Face names, LoRA adapters merged in (``W + B A s``) and FSDP2 shards gathered, put once
+into Ray's object store and read by every worker, which loads them and refreshes its own engine (its bf16
+copy, prepacked where the CPU allows, as in process). With ``rollout_precision=bf16`` the weights travel in
+bf16: the worker's copy casts them again, which changes nothing, so the bytes halve for free.
+
+Generation deals the prompts round-robin over the workers (a prompt's samples stay together) and reassembles
+the groups in prompt order. Online RL passes a seed per prompt, so what a worker samples does not depend on
+which worker it is or what else it generates (:mod:`alignkit.rl.rollout`): two workers give the tokens and
+log-probs the in-process engine gives for the same weights. Called without seeds, the engine derives one seed
+per prompt from ``SamplingParams.seed`` (random when None), so a call is still worker-invariant.
+
+A worker that dies (its process killed, its node lost) is replaced: a new actor is started, loads the weights of
+the current version from the object store, and generates the dead worker's share again; nothing is dropped.
+Ray starts its workers at niceness 15 by default; rollout workers are on the critical path, so alignkit asks
+for 0 (``RAY_worker_niceness``, when Ray is started here).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Sequence
+
+import torch
+
+from alignkit.errors import ConfigError
+from alignkit.models.logprobs import unwrap
+from alignkit.rl.rollout import Completion, LocalEngine, SamplingParams, check_version, merged_parameter, row_seed
+from alignkit.train import strategy
+
+log = logging.getLogger(__name__)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("rollout_backend=ray needs Ray: pip install 'alignkit[ray]'") from None
+    return ray
+
+
+def plain_names(model) -> list[str]:
+    """The parameter names of ``model``'s architecture without wrappers (peft, FSDP2), tied weights once: the
+    names a fresh model of its class has (built on the meta device, so nothing is allocated)."""
+    base = unwrap(model)
+    with torch.device("meta"):
+        fresh = type(base)(base.config)
+    return [name for name, _ in fresh.named_parameters()]
+
+
+def full_weights(model, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every parameter of ``model`` as a whole CPU tensor under its plain name, LoRA merged, FSDP2 shards gathered
+    (a collective under FSDP2: every process calls it)."""
+    base = unwrap(model)
+    with torch.no_grad(), strategy.gathered(model):
+        return {name: merged_parameter(base, name).detach().to("cpu", dtype).clone() for name in plain_names(model)}
+
+
+class RolloutWorker:
+    """The body of one rollout actor: a policy copy and its :class:`LocalEngine`."""
+
+    def __init__(self, config, tokenizer, precision: str, max_batch: int, fast_decode: bool, threads: int):
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(max(1, threads))
+        self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
+        self.engine = LocalEngine(self.model, tokenizer, precision=precision, max_batch=max_batch,
+                                  fast_decode=fast_decode)
+
+    def load(self, weights: dict[str, torch.Tensor], version: int) -> int:
+        """Write every parameter (all of them, by name) and refresh the engine; returns the version held."""
+        params = dict(self.model.named_parameters())
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        if missing or extra:
+            raise RuntimeError(f"weight sync: missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name])
+        self.engine.update_weights(self.model, version=version)
+        return self.engine.version
+
+    def generate(self, prompts, n: int, sampling: SamplingParams, seeds, version: int | None) -> list[list[Completion]]:
+        return self.engine.generate(prompts, n, sampling, seeds=seeds, version=version)
+
+    def scramble(self) -> None:
+        """Zero every weight of the worker's model and engine copy (tests: a later sync must write them all)."""
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.zero_()
+        self.engine.update_weights(self.model, version=self.engine.version)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayEngine:
+    """Rollout engine of ``workers`` Ray actors (module docstring); the :class:`RolloutEngine` interface."""
+
+    logprob_semantics = "tempered_untruncated"
+
+    def __init__(self, model, tokenizer, *, workers: int = 2, precision: str = "bf16", max_batch: int = 64,
+                 fast_decode: bool = True, address: str = "", cpus_per_worker: int = 1):
+        ray = _ray()
+        if not ray.is_initialized():
+            if not address:
+                os.environ.setdefault("RAY_worker_niceness", "0")
+            ray.init(address=address or None, num_cpus=None if address else max(workers, os.cpu_count() or 1),
+                     include_dashboard=False, log_to_driver=False)
+        self.precision, self.version, self.asleep = precision, 0, False
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        base = unwrap(model)
+        self._spec = (base.config, tokenizer, precision, max_batch, fast_decode, cpus_per_worker)
+        self._actor_cls = ray.remote(num_cpus=cpus_per_worker)(RolloutWorker)
+        self.workers = [self._start() for _ in range(workers)]
+        self._weights = None  # the object-store reference of the current version's weights
+        self.model = model
+        self.restarts = 0
+        self.update_weights(model, version=0)
+        log.info("rollout: %d Ray workers (%s, %d CPU each)", workers, precision, cpus_per_worker)
+
+    def _start(self):
+        return self._actor_cls.remote(*self._spec[:5], threads=self._spec[5])
+
+    def _call(self, i: int, method: str, *args):
+        """``ray.get`` of one worker's call; a dead worker is replaced, loaded with the current weights, and the
+        call made again."""
+        ray = _ray()
+        try:
+            return ray.get(getattr(self.workers[i], method).remote(*args))
+        except ray.exceptions.RayActorError:
+            log.warning("rollout worker %d died: starting a new one with weights version %d", i, self.version)
+            self.workers[i] = self._start()
+            self.restarts += 1
+            if self._weights is not None:
+                ray.get(self.workers[i].load.remote(self._weights, self.version))
+            return ray.get(getattr(self.workers[i], method).remote(*args))
+
+    def _all(self, method: str, *args) -> list:
+        ray = _ray()
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                out.append(self._call(i, method, *args))
+        return out
+
+    # ------------------------------------------------------------------------------------------ interface
+
+    def update_weights(self, model, version: int | None = None) -> None:
+        """Send ``model``'s weights to every worker as ``version`` (default: the next). Under FSDP2 a collective."""
+        self.model = model
+        self.version = self.version + 1 if version is None else version
+        if self.asleep:
+            return
+        weights = full_weights(model, self.dtype)
+        self._weights = _ray().put(weights)
+        held = self._all("load", self._weights, self.version)
+        assert all(v == self.version for v in held), held
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                 seeds: Sequence[int] | None = None, version: int | None = None) -> list[list[Completion]]:
+        if self.asleep:
+            from alignkit.rl.rollout import EngineAsleep
+
+            raise EngineAsleep("the rollout engine is asleep: call wake() before generate()")
+        check_version(self, version)
+        if not prompts or n <= 0:
+            return [[] for _ in prompts]
+        if seeds is None and sampling.temperature > 0:
+            base = sampling.seed if sampling.seed is not None else random.getrandbits(62)
+            seeds = [row_seed(base, i) for i in range(len(prompts))]
+        W = len(self.workers)
+        ray = _ray()
+        refs = {}
+        for w in range(W):
+            share = list(range(w, len(prompts), W))
+            if share:
+                refs[w] = (share, self.workers[w].generate.remote(
+                    [list(prompts[i]) for i in share], n, sampling, None if seeds is None else [seeds[i] for i in share],
+                    self.version))
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for w, (share, ref) in refs.items():
+            try:
+                groups = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                groups = self._call(w, "generate", [list(prompts[i]) for i in share], n, sampling,
+                                    None if seeds is None else [seeds[i] for i in share], self.version)
+            for i, g in zip(share, groups):
+                out[i] = g
+        return out
+
+    def sleep(self) -> None:
+        """Stop the workers (their memory is freed); :meth:`wake` starts new ones with the current weights."""
+        ray = _ray()
+        for w in self.workers:
+            ray.kill(w)
+        self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.asleep = False
+            self.workers = [self._start() for _ in self.workers]
+            self.update_weights(self.model, version=self.version)  # the weights of now, not of before sleep()
+
+    def close(self) -> None:
+        ray = _ray()
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
