@@ -21,8 +21,7 @@ Every arm runs the real recipe (``alignkit.cli``). Inside each process the scrip
 - the step time: the median ``seconds`` of steps 2..N in metrics.jsonl.
 
 ``--method ppo`` runs PPO with all four models (policy, frozen reference, reward model, separate value model)
-instead of SFT. The reward model stays whole on every process (it is called outside the loop); the policy, the
-value model and the reference are sharded under fsdp2.
+instead of SFT. Under fsdp2 the policy, the value model, the reference and the reward model are sharded.
 
     python bench/fsdp2_scaling.py --steps 6 --repeats 2
     python bench/fsdp2_scaling.py --method ppo --steps 3 --repeats 1
