@@ -1,10 +1,10 @@
 """The online-RL objective as a combination of registry entries, and the named presets.
 
 An :class:`Objective` names one entry of each registry (advantage estimator, policy loss, loss aggregation,
-KL estimator) plus where the KL penalty goes and its hyperparameters. PPO, GRPO, Dr. GRPO, DAPO, GSPO, RLOO and
-REINFORCE++ are entries of :data:`PRESETS`: field values, not code (DESIGN.md principle 2). The two functions
-here are everything a trainer needs between the rewards and ``loss.backward()``, and they are pure functions of
-tensors, so the tabular-bandit tests run exactly the code the trainer runs.
+KL estimator, off-policy correction) plus where the KL penalty goes and its hyperparameters. PPO, GRPO,
+Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++ are entries of :data:`PRESETS`: field values, not code (DESIGN.md
+principle 2). The two functions here are everything a trainer needs between the rewards and ``loss.backward()``,
+and they are pure functions of tensors, so the tabular-bandit tests run exactly the code the trainer runs.
 
 KL placement (ALGORITHMS.md, "Online RL"):
 
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from alignkit.errors import ConfigError
+from alignkit.losses.off_policy import get_correction
 from alignkit.losses.policy import get_aggregation, get_kl_estimator, get_policy_loss
 from alignkit.rl.advantages import get_advantage, token_rewards
 
@@ -53,9 +54,26 @@ class Objective:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = False  # normalise advantages over the rollout batch (PPO's usual practice)
+    correction: str = "none"  # an alignkit.losses.off_policy.CORRECTIONS entry (the sampler is not the trainer)
+    correction_mode: str = "decoupled"  # "decoupled" | "bypass" (see policy_objective)
+    is_clip: float = 2.0  # C: the truncation of the importance ratio (tis, seq_mask_tis)
+    is_low: float = 0.5  # the bounds outside which icepop, seq_mask_tis and mis mask
+    is_high: float = 5.0
 
     def validate(self) -> Objective:
         get_advantage(self.advantage), get_policy_loss(self.policy_loss), get_kl_estimator(self.kl_estimator)
+        get_correction(self.correction)
+        if self.correction_mode not in ("decoupled", "bypass"):
+            raise ConfigError(f"correction_mode={self.correction_mode!r}: expected decoupled or bypass")
+        if self.correction_mode == "bypass" and self.correction != "none":
+            raise ConfigError(f"correction={self.correction} with correction_mode=bypass: bypass takes the sampler's "
+                              "log-probs as the old policy, so every importance weight old/rollout is 1; choose "
+                              "correction=none with bypass, or correction_mode=decoupled")
+        # so a token on which sampler and trainer agree keeps weight 1 and the loss is the uncorrected one
+        if not self.is_clip >= 1:
+            raise ConfigError(f"is_clip must be >= 1, got {self.is_clip}")
+        if not 0 <= self.is_low <= 1 <= self.is_high:
+            raise ConfigError(f"is_bounds must satisfy 0 <= low <= 1 <= high, got ({self.is_low}, {self.is_high})")
         agg = get_aggregation(self.aggregation)
         if self.kl_in not in ("reward", "loss", "none"):
             raise ConfigError(f"kl_in={self.kl_in!r}: expected one of reward, loss, none")
@@ -182,18 +200,35 @@ def policy_objective(
     *,
     step_normaliser: float,
     ref_logp_BT: Tensor | None = None,
+    rollout_logp_BT: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, tuple[float, float]]]:
     """The scalar loss of this micro-batch (already divided by the step's normaliser) and its metrics.
 
     Per-token loss = the policy loss entry's loss, plus ``kl_coef * kl_t`` when ``kl_in="loss"``; then reduced by
     the aggregation entry with the step-global ``step_normaliser`` (see ``alignkit.losses.policy.normaliser``).
     Metrics are ``name -> (sum, count)`` over this micro-batch's valid tokens, for the training loop to add up.
+
+    ``old_logp_BT`` are the trainer's behaviour log-probs, ``rollout_logp_BT`` the sampler's (needed by any
+    correction and by bypass). Off-policy correction (``alignkit.losses.off_policy``), by ``obj.correction_mode``:
+
+    - ``decoupled`` (three policies): the PPO ratio is ``pi_theta / pi_old`` and the per-token loss, the KL term
+      in the loss included, is multiplied by the correction's detached weight ``w_t(old, rollout)``:
+      ``loss_t = w_t * (ppo_t + kl_coef * kl_t)``. The KL estimator in the loss, too, assumes tokens drawn from
+      ``pi_old``; weighting only the PPO term (verl) leaves its gradient an expectation under the sampler;
+    - ``bypass`` (two policies, ``old := rollout``): the PPO ratio is ``pi_theta / pi_rollout``, no weight.
+
+    With ``correction="none"`` in decoupled mode no weight is computed and the loss is the uncorrected one.
     """
     spec = get_policy_loss(obj.policy_loss)
+    correction = get_correction(obj.correction)
+    if rollout_logp_BT is None and (obj.correction_mode == "bypass" or correction.name != "none"):
+        raise ValueError(f"correction={obj.correction}, correction_mode={obj.correction_mode} need the sampler's "
+                         "log-probs (rollout_logp_BT)")
+    anchor = rollout_logp_BT if obj.correction_mode == "bypass" else old_logp_BT
     hp = {"eps_low": obj.eps_low, "eps_high": obj.eps_high}
     if "dual_clip" in spec.hparams:
         hp["dual_clip"] = obj.dual_clip
-    out = spec.fn(logp_BT, old_logp_BT, adv_BT, mask_BT, **hp)
+    out = spec.fn(logp_BT, anchor, adv_BT, mask_BT, **hp)
     losses = out.losses
     m = mask_BT.to(logp_BT.dtype)
     n_tok = float(m.sum())
@@ -203,6 +238,11 @@ def policy_objective(
         metrics["kl"] = (float(kl_BT.detach().sum()), n_tok)
         if obj.kl_in == "loss" and obj.kl_coef > 0:
             losses = losses + obj.kl_coef * kl_BT
+    if correction.name != "none" and obj.correction_mode == "decoupled":
+        bounds = {"clip": obj.is_clip, "low": obj.is_low, "high": obj.is_high}
+        cw = correction.fn(old_logp_BT, rollout_logp_BT, mask_BT, **{k: bounds[k] for k in correction.hparams})
+        losses = losses * cw.weights.to(losses.dtype)
+        metrics.update({f"correction/{k}": (float(v) * n_tok, n_tok) for k, v in cw.metrics.items()})
     agg = get_aggregation(obj.aggregation)
     loss = agg.fn(losses, mask_BT, step_normaliser=step_normaliser, constant=obj.aggregation_constant)
     metrics["policy/loss"] = (float(loss.detach()) * step_normaliser, n_tok if agg.counts == "tokens" else
