@@ -27,6 +27,12 @@ class TrainingDiverged(RuntimeError):
     writing a final model. The CLI prints the message (no traceback) and exits with code 1."""
 
 
+class MismatchAlarm(TrainingDiverged):
+    """With ``mismatch_strict=true``, the rollout engine's log-probs differed from the trainer's by more than
+    ``mismatch_alarm`` in a step (stale engine weights, a precision gap): the run stopped without writing a final
+    model. The CLI prints the message (no traceback) and exits with code 1."""
+
+
 class Stopped(Exception):
     """SIGTERM or Ctrl-C asked a run to stop: the step in progress was finished and a checkpoint written. The CLI
     exits with 128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C)."""

@@ -38,7 +38,25 @@ from alignkit.train import checkpoint, dist, strategy
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, tuple[float, float]]
-"""Metric name -> (sum, count); the loop adds these up over micro-batches and processes and reports sum/count."""
+"""Metric name -> (sum, count); the loop adds these up over micro-batches and processes and reports sum/count.
+A name whose last part starts with ``max_`` (``mismatch/max_abs``) carries ``(value, 1)`` instead, and the loop
+reports the largest value over micro-batches and processes (:func:`is_max_metric`)."""
+
+
+def is_max_metric(name: str) -> bool:
+    """Whether the loop reduces metric ``name`` by its maximum instead of its mean."""
+    return name.rsplit("/", 1)[-1].startswith("max_")
+
+
+def add_metric(sums: dict[str, list[float]], name: str, total: float, count: float) -> None:
+    """Add one ``(sum, count)`` pair (or keep the larger ``(value, 1)`` of a ``max_`` metric) into ``sums``."""
+    if is_max_metric(name) and name in sums:
+        if total > sums[name][0]:
+            sums[name] = [total, count]
+        return
+    s = sums.setdefault(name, [0.0, 0.0])
+    s[0] += total
+    s[1] += count
 
 
 class Task(Protocol):
@@ -49,7 +67,9 @@ class Task(Protocol):
         """The micro-batch's loss already divided by ``normaliser`` (the whole step's weight), and metrics."""
 
     # Optional: ``begin_step(model, rows)`` runs before the step's micro-batches with this process's rows of the
-    # step, for statistics the whole step shares (KTO's reference point).
+    # step, for statistics the whole step shares (KTO's reference point). ``end_step(step, record)`` runs after
+    # the step's record (reduced over processes, the same on each) is written; it may warn, or raise to stop the
+    # run (online RL's mismatch alarm).
 
 
 class StepSource(Protocol):
@@ -341,8 +361,7 @@ def train(
                         loss.backward()
                         loss_total += float(loss.detach())
                         for k, (s, c) in metrics.items():
-                            sums[k][0] += s
-                            sums[k][1] += c
+                            add_metric(sums, k, s, c)
                         n_tokens += sum(len(r.prompt) * len(r.responses) + sum(map(len, r.responses)) for r in mb.rows)
                     layout.sync_gradients(params)
                     record = _reduce(sums, n_tokens)
@@ -395,6 +414,8 @@ def train(
                 result.history.append(record)
                 writer.write(record)
                 result.steps = step + 1
+                if hasattr(task, "end_step"):
+                    task.end_step(step + 1, record)
                 if bar is not None:
                     bar.update(1)
                     if "loss" in record:
@@ -441,10 +462,16 @@ def _reduce(sums: dict[str, list[float]], n_tokens: int) -> dict:
     names = sorted(sums)
     if dist.world() > 1:  # a process with no rows this step has none of the task's names: reduce over the union
         names = sorted(set().union(*dist.all_gather_object(names)))
-        sums = {k: sums.get(k, [0.0, 0.0]) for k in names}
-    t = torch.tensor([sums[k] for k in names] + [[float(n_tokens), 0.0]], dtype=torch.float64)
+    added = [k for k in names if not is_max_metric(k)]
+    t = torch.tensor([sums.get(k, [0.0, 0.0]) for k in added] + [[float(n_tokens), 0.0]], dtype=torch.float64)
     dist.all_reduce_sum(t)
-    record = derive_std({k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(names)})
+    record = {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(added)}
+    maxed = [k for k in names if is_max_metric(k)]
+    if maxed:
+        mx = torch.tensor([sums.get(k, [-math.inf, 0.0]) for k in maxed], dtype=torch.float64)
+        dist.all_reduce_max(mx)
+        record.update({k: mx[i, 0].item() if mx[i, 1] > 0 else float("nan") for i, k in enumerate(maxed)})
+    record = derive_std(record)
     record["tokens"] = t[-1, 0].item()
     return record
 
@@ -459,8 +486,7 @@ def evaluate(task: Task, model, rows: list[Encoded], batch_size: int) -> dict:
             strategy.call(model, task.begin_step, model, rows)
         for mb in micro_batches(rows, batch_size, True):
             for k, (s, c) in strategy.call(model, task.loss, model, mb, 1.0)[1].items():
-                sums[k][0] += s
-                sums[k][1] += c
+                add_metric(sums, k, s, c)
     model.train(was_training)
     return derive_std({k: s / c for k, (s, c) in sums.items() if c > 0})
 
