@@ -270,6 +270,21 @@ class RLConfig(RolloutConfig):
     value_model: str = opt("separate", "PPO critic: its own backbone, or a head on the policy's trunk.", ("separate", "shared"))
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     value_clip: float = opt(0.2, "Value clipping range eps_v.")
+    correction: str = opt("none", "Off-policy correction for a sampler that is not the trainer (docs/off_policy.md): none, tis (per-token truncated importance weight), icepop (per-token weight masked outside is_bounds), seq_mask_tis (TIS, sequences whose geometric-mean ratio leaves is_bounds dropped) or mis (sequence importance weight, rejected outside is_bounds).", ("none", "tis", "icepop", "seq_mask_tis", "mis"))
+    correction_mode: str = opt("decoupled", "decoupled: the PPO ratio against the trainer's old log-probs, the loss weighted by the correction; bypass: the sampler's log-probs are the old policy (no weight; needs correction=none).", ("decoupled", "bypass"))
+    is_clip: float = opt(2.0, "C, where tis and seq_mask_tis truncate the importance ratio pi_old / pi_rollout (>= 1).")
+    is_bounds: str = opt("0.5,5.0", "low,high: icepop, seq_mask_tis and mis mask ratios outside these (low <= 1 <= high).", list_as="comma")
+    mismatch_threshold: float = opt(0.2, "mismatch/frac_over counts tokens whose |log p_rollout - log p_trainer| exceeds this.")
+    mismatch_alarm: float = opt(0.0, "Warn (once per step) when mismatch/max_abs, the largest |log p_rollout - log p_trainer|, exceeds this (0: never).")
+    mismatch_strict: bool = opt(False, "Stop the run (exit 1) instead of warning when the mismatch alarm sounds.")
+
+    @property
+    def is_low_high(self) -> tuple[float, float]:
+        try:
+            low, high = (float(x) for x in self.is_bounds.split(","))
+        except ValueError:
+            raise ConfigError(f"is_bounds={self.is_bounds!r}: expected two numbers 'low,high' (e.g. 0.5,5.0)") from None
+        return low, high
 
     def objective(self):
         from alignkit.rl.objective import preset
@@ -279,6 +294,8 @@ class RLConfig(RolloutConfig):
             kl_estimator=self.kl_estimator, kl_in=self.kl_in, kl_coef=self.kl_coef, eps_low=self.eps_low,
             eps_high=self.eps_high, dual_clip=self.dual_clip, whiten_advantages=self.whiten_advantages,
             gamma=self.gamma, lam=self.lam, aggregation_constant=float(self.max_new_tokens),
+            correction=self.correction, correction_mode=self.correction_mode, is_clip=self.is_clip,
+            is_low=self.is_low_high[0], is_high=self.is_low_high[1],
         )
 
     @property
@@ -299,6 +316,16 @@ class RLConfig(RolloutConfig):
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.mini_batches > self.prompts_per_step:
             raise ConfigError(f"mini_batches={self.mini_batches} exceeds prompts_per_step={self.prompts_per_step}")
+        if self.correction != "none" and (self.top_k > 0 or self.top_p < 1):
+            raise ConfigError(f"correction={self.correction} with top_k={self.top_k}, top_p={self.top_p}: the sampler "
+                              "drew from the truncated distribution, but its log-probs (like the trainer's) are the "
+                              "untruncated ones, so the importance ratios would be biased; sample with top_k=0 "
+                              "top_p=1, or use correction=none (docs/off_policy.md)")
+        if self.mismatch_threshold <= 0 or self.mismatch_alarm < 0:
+            raise ConfigError(f"need mismatch_threshold > 0 and mismatch_alarm >= 0, got {self.mismatch_threshold} "
+                              f"and {self.mismatch_alarm}")
+        if self.mismatch_strict and self.mismatch_alarm <= 0:
+            raise ConfigError("mismatch_strict=true needs a mismatch_alarm level (> 0) to act on")
 
 
 @dataclass

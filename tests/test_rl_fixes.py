@@ -59,7 +59,7 @@ def test_compute_advantages_takes_group_statistics_over_scored_completions():
 
 
 def _completion(n: int, reason: str):
-    return SimpleNamespace(token_ids=list(range(1, n + 1)), text="x", finish_reason=reason)
+    return SimpleNamespace(token_ids=list(range(1, n + 1)), text="x", logps=[-0.5] * n, finish_reason=reason)
 
 
 @pytest.mark.parametrize("mask_truncated", [True, False])

@@ -200,7 +200,8 @@ def run(cfg: RLConfig) -> dict:
     kl = KLController(obj.kl_coef, cfg.kl_target, cfg.kl_horizon)
     source = Rollouts(collector, obj, kl, cfg, o.tok.pad_token_id, n_steps, reference=reference)
     task = PolicyTask(obj, kl, o.tok.pad_token_id, cfg.logits_chunk, vf_coef=cfg.vf_coef, value_clip=cfg.value_clip,
-                      temperature=cfg.temperature)
+                      temperature=cfg.temperature, mismatch_threshold=cfg.mismatch_threshold,
+                      mismatch_alarm=cfg.mismatch_alarm, mismatch_strict=cfg.mismatch_strict)
     log.info("%s: %d prompts (%d held out), %d optimizer steps, %d per rollout; %s", cfg.preset, len(o.prompts),
              len(o.held), n_steps, updates, obj)
     summary = train_online(o, task, model, source, cfg, cfg.preset)

@@ -21,7 +21,12 @@ Every log-prob (policy, behaviour, reference) is taken at the sampling temperatu
 penalty and its logged value, and the entropy all refer to the policy that sampled. Top-k and top-p
 truncation are not applied when scoring: the sampler draws from the truncated distribution and the trainer
 scores under the full one at temperature T, so with ``top_p < 1`` or ``top_k > 0`` the samples are slightly
-off-policy, a mismatch that is not corrected here.
+off-policy, a mismatch that is not corrected (an off-policy correction is refused with them: its ratios would be
+biased).
+
+The sampler's own log-probs (``Completion.logps``, same definition) are kept on each row as ``extra["rollout"]``.
+Every step logs how far they are from the trainer's (``mismatch/*``, :class:`PolicyTask`), and the objective's
+off-policy correction, if any, weights the loss by their ratio (``alignkit.losses.off_policy``, docs/off_policy.md).
 
 Several processes (torchrun) compute exactly what one process computes with the same global settings, by
 construction: every process draws the same prompts for a dynamic-sampling round, generates and scores (rewards)
@@ -57,6 +62,8 @@ from torch import nn
 
 from alignkit.data.collate import collate_shared
 from alignkit.data.tokenize import Encoded
+from alignkit.errors import MismatchAlarm
+from alignkit.losses.off_policy import mismatch_metrics
 from alignkit.losses.policy import get_aggregation, get_kl_estimator, value_loss
 from alignkit.models.device import model_device, on_model
 from alignkit.models.logprobs import autocast, hidden_states, project_logps
@@ -378,8 +385,13 @@ class Rollouts:
         valid = torch.cat([torch.full((len(c.token_ids),), ok and not cut)
                            for c, ok, cut in zip(g.completions, scored, drop)])
         scores = torch.tensor([0.0 if r is None else r for r in g.raw], dtype=torch.float32)
+        # the sampler's own log-probs (tempered, untruncated: the trainer's definition), for the mismatch metrics
+        # and the off-policy corrections
+        rollout = torch.tensor([lp for c in g.completions for lp in c.logps], dtype=torch.float32)
+        if rollout.shape != valid.shape:
+            raise RuntimeError(f"the rollout engine returned {rollout.numel()} log-probs for {valid.numel()} tokens")
         return Encoded(g.prompt.ids, responses, g.index,
-                       extra={"valid": valid, "scores": scores, "scored": torch.tensor(scored)})
+                       extra={"valid": valid, "scores": scores, "scored": torch.tensor(scored), "rollout": rollout})
 
     @torch.no_grad()
     def _score_tokens(self, model, rows: list[Encoded], m: Sums) -> None:
@@ -491,12 +503,22 @@ def _split(rows: list[Encoded], key: str, flat_N: torch.Tensor) -> None:
 
 
 class PolicyTask:
-    """The policy-gradient :class:`~alignkit.train.loop.Task` over rollout rows (module docstring)."""
+    """The policy-gradient :class:`~alignkit.train.loop.Task` over rollout rows (module docstring).
+
+    Every micro-batch also measures the sampler/trainer mismatch (``alignkit.losses.off_policy.mismatch_metrics``)
+    where the trainer's behaviour log-probs meet the sampler's: the stored ``old`` ones, or on the first pass
+    after a rollout the forward pass's own. :meth:`end_step` sounds the alarm on the step's reduced record: a
+    warning when ``mismatch/max_abs`` exceeds ``mismatch_alarm`` (0: never), and with ``mismatch_strict`` a
+    :class:`~alignkit.errors.MismatchAlarm` that stops the run (exit 1).
+    """
 
     def __init__(self, obj: Objective, kl: KLController, pad_id: int, chunk: int, *, vf_coef: float = 0.0,
-                 value_clip: float = 0.2, temperature: float = 1.0):
+                 value_clip: float = 0.2, temperature: float = 1.0, mismatch_threshold: float = 0.2,
+                 mismatch_alarm: float = 0.0, mismatch_strict: bool = False):
         self.obj, self.kl, self.pad_id, self.chunk, self.temperature = obj, kl, pad_id, chunk, temperature
         self.vf_coef, self.value_clip = vf_coef, value_clip
+        self.mismatch_threshold, self.mismatch_alarm, self.mismatch_strict = (mismatch_threshold, mismatch_alarm,
+                                                                              mismatch_strict)
         self.counts = get_aggregation(obj.aggregation).counts
 
     def weight(self, row: Encoded) -> float:
@@ -519,8 +541,11 @@ class PolicyTask:
         logp = fw.bt(fw.logp_N)
         old = logp.detach() if rows[0].extra.get("fresh") else fw.bt(cat("old"))
         ref = fw.bt(cat("ref")) if obj.uses_kl else None
+        rollout = fw.bt(cat("rollout")) if "rollout" in rows[0].extra else None  # (a checkpoint from before has none)
         loss, metrics = policy_objective(obj, logp, old, fw.bt(cat("adv")), mask, step_normaliser=normaliser,
-                                         ref_logp_BT=ref)
+                                         ref_logp_BT=ref, rollout_logp_BT=rollout)
+        if rollout is not None:
+            metrics.update(mismatch_metrics(old, rollout, mask, threshold=self.mismatch_threshold))
         n_tok = float(mask.sum())
         # E_{y~pi}[-log pi(y)] is the entropy: the sampled tokens' NLL under the behaviour policy estimates it
         # without the full vocabulary
@@ -536,3 +561,19 @@ class PolicyTask:
             metrics["value/mean"] = (float((fw.bt(fw.values_N).detach() * mask).sum()), n_tok)
         metrics["loss"] = (float(loss.detach()) * normaliser, float(len(rows)))
         return loss, metrics
+
+    def end_step(self, step: int, record: dict) -> None:
+        """The mismatch alarm, once per optimizer step on its reduced metrics (the same on every process)."""
+        worst = record.get("mismatch/max_abs", float("nan"))
+        if not (self.mismatch_alarm > 0 and worst > self.mismatch_alarm):
+            return
+        what = (f"step {step}: the rollout engine's log-probs differ from the trainer's by up to {worst:.3g} "
+                f"(mismatch/max_abs > mismatch_alarm={self.mismatch_alarm:g}; mean |delta log p| "
+                f"{record.get('mismatch/abs', float('nan')):.3g}, {100 * record.get('mismatch/frac_over', 0):.1f}% "
+                f"of tokens over mismatch_threshold={self.mismatch_threshold:g}): stale engine weights (a weight "
+                f"sync that did not happen) or a precision gap")
+        if self.mismatch_strict:
+            raise MismatchAlarm(f"{what}; the run stopped (mismatch_strict=true) without writing a final model")
+        if dist.rank() == 0:
+            log.warning("%s; an off-policy correction (correction=tis, ...) or mismatch_strict=true can act on it",
+                        what)
