@@ -65,6 +65,7 @@ GUARDS = "tests/test_guards.py"
 FIXES = "tests/test_rl_fixes.py"
 DIST = "tests/test_rl_distributed.py"
 FSDP2 = "tests/test_fsdp2.py"
+OFF = "tests/test_off_policy.py"
 
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- online RL: rollouts and the engine
@@ -116,6 +117,46 @@ MUTATIONS: list[Mutation] = [
              "return (loss_BT * mask_BT.to(loss_BT.dtype)).sum() / mask_BT.sum().clamp_min(1)",
              ("tests/test_rl_losses.py",), "token_mean divides by the micro-batch's tokens, not the step's",
              k="micro_batch_split"),
+    # ---------------------------------------------------------------- online RL: sampler/trainer mismatch
+    Mutation("rollout_logps_stored", "alignkit/rl/trainer.py",
+             "rollout = torch.tensor([lp for c in g.completions for lp in c.logps], dtype=torch.float32)",
+             "rollout = torch.zeros(sum(len(c.logps) for c in g.completions))",
+             (OFF,), "the rows keep zeros instead of the sampler's log-probs", k="kept_on_the_row or fp32_engine"),
+    Mutation("mismatch_against_current", "alignkit/rl/trainer.py",
+             "metrics.update(mismatch_metrics(old, rollout,", "metrics.update(mismatch_metrics(logp.detach(), rollout,",
+             (OFF,), "later passes measure the moved policy against the sampler instead of the old log-probs",
+             k="fp32_engine"),
+    Mutation("max_metric_averaged", "alignkit/train/loop.py",
+             'return name.rsplit("/", 1)[-1].startswith("max_")', "return False",
+             (OFF,), "max_* metrics are averaged over micro-batches and processes instead of maximised",
+             k="largest_max_metric"),
+    Mutation("mismatch_strict_warns", "alignkit/rl/trainer.py",
+             "        if self.mismatch_strict:\n", "        if False:\n",
+             (OFF,), "mismatch_strict=true only warns: the run goes on with stale engine weights", k="strict"),
+    Mutation("truncated_sampling_allowed", "alignkit/config.py",
+             'if self.correction != "none" and (self.top_k > 0 or self.top_p < 1):', "if False:",
+             (OFF,), "an importance-sampling correction is accepted with top-k/top-p (biased ratios)",
+             k="refusals or exits_2"),
+    Mutation("tis_clamp", "alignkit/losses/off_policy.py",
+             "return _out(rho.clamp(max=clip), m, clipped_frac=rho > clip)", "return _out(rho, m, clipped_frac=rho > clip)",
+             (OFF,), "TIS does not truncate the importance ratio at C", k="tis_golden"),
+    Mutation("seq_mask_product", "alignkit/losses/off_policy.py",
+             "g_B = torch.exp(d.sum(-1) / m.sum(-1).clamp_min(1.0))", "g_B = torch.exp(d.sum(-1))",
+             (OFF,), "seq_mask_tis bounds the product of the ratios instead of their geometric mean",
+             k="seq_mask_tis_golden"),
+    Mutation("decoupled_weight_dropped", "alignkit/rl/objective.py",
+             "losses = losses * cw.weights.to(losses.dtype)", "losses = losses",
+             (OFF,), "decoupled mode computes the correction's weights but does not apply them",
+             k="whole_token_loss"),
+    Mutation("weight_skips_kl_term", "alignkit/rl/objective.py",
+             "losses = losses * cw.weights.to(losses.dtype)",
+             "losses = losses + out.losses * (cw.weights.to(losses.dtype) - 1)",
+             (f"{OFF}::test_bandit_tempered_sampler_corrected_reaches_the_optimum[tis]",),
+             "the weight reaches the PPO term only, not the KL term in the loss: the bandit keeps its bias"),
+    Mutation("bypass_anchor", "alignkit/rl/objective.py",
+             'anchor = rollout_logp_BT if obj.correction_mode == "bypass" else old_logp_BT', "anchor = old_logp_BT",
+             (OFF,), "bypass mode still takes the PPO ratio against the trainer's old log-probs",
+             k="bypass_is_ppo"),
     # ---------------------------------------------------------------- the training loop
     Mutation("global_normaliser", "alignkit/train/loop.py",
              "loss, metrics = strategy.call(model, task.loss, model, mb.rows, normaliser)",
