@@ -13,6 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import _toy  # noqa: E402
+from alignkit.models.loading import load_model  # noqa: E402
 from alignkit.rl.engines.ray_engine import RayEngine  # noqa: E402
 
 def _grpo(tmp_path, name, backend, **extra):
@@ -63,6 +64,8 @@ def test_grpo_with_ray_workers_equals_the_in_process_run_even_when_a_worker_dies
     monkeypatch.setattr(RayEngine, "generate", generate)
     remote = _grpo(tmp_path, "ray", "ray")
     assert calls["n"] >= 3 and len(local) == len(remote) == 3
+    n_params = sum(p.numel() for p in load_model("tiny")[0].parameters())
+    assert all(r["sync/bytes"] == 2 * n_params for r in remote)  # the whole model in bf16 at every sync
     for a, b in zip(local, remote):
         for k in ("loss", "reward/mean", "grad_norm", "completion/length/mean"):
             assert math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-7), (k, a[k], b[k])

@@ -285,6 +285,9 @@ def test_weight_versions_are_stamped_checked_and_kept_through_sleep(precision):
     engine.update_weights(model)  # the next version
     engine.update_weights(model, version=7)
     assert engine.version == 7
+    # what a sync writes: the whole bf16 copy (prepacked layers included), nothing for the fp32 model itself
+    n_params = sum(p.numel() for p in model.parameters())
+    assert engine.last_sync_bytes == (2 * n_params if precision == "bf16" else 0)
     with pytest.raises(StaleWeights, match="holds version 7"):
         engine.generate(prompt, 2, sampling, seeds=[1], version=6)
     engine.sleep()

@@ -247,6 +247,7 @@ class LocalEngine:
         self.model = model
         self._copy, self._packed = None, {}
         self.version, self.asleep = 0, False
+        self.last_sync_bytes = 0  # bytes written into the copy by the last update_weights
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
@@ -280,6 +281,8 @@ class LocalEngine:
                 p.copy_(merged_parameter(base, name))
             for name, layer in self._packed.items():
                 layer.load(merged_parameter(base, name + ".weight"))
+        self.last_sync_bytes = sum(p.numel() * p.element_size() for p in self._copy.parameters())
+        self.last_sync_bytes += sum(layer.in_features * layer.out_features * 2 for layer in self._packed.values())
 
     def sleep(self) -> None:
         self._copy, self._packed, self.asleep = None, {}, True

@@ -366,7 +366,10 @@ class Rollouts:
         t0 = time.perf_counter()
         policy = policy_of(model)
         version = rollout * self.updates  # the optimizer steps the weights have taken
-        self.collector.engine.update_weights(policy, version=version)
+        engine = self.collector.engine
+        engine.update_weights(policy, version=version)
+        m.add("time/sync", time.perf_counter() - t0, 1.0)
+        m.add("sync/bytes", float(getattr(engine, "last_sync_bytes", 0)), 1.0)
         groups = self.collector.collect(rollout, self.cfg.prompts_per_step * dist.world(), m, version=version)
         rows = [self._row(g) for g in groups]
         if rows:

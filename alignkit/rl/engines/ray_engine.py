@@ -120,7 +120,7 @@ class RayEngine:
         self.workers = [self._start() for _ in range(workers)]
         self._weights = None  # the object-store reference of the current version's weights
         self.model = model
-        self.restarts = 0
+        self.restarts, self.last_sync_bytes = 0, 0
         self.update_weights(model, version=0)
         log.info("rollout: %d Ray workers (%s, %d CPU each)", workers, precision, cpus_per_worker)
 
@@ -161,6 +161,7 @@ class RayEngine:
         if self.asleep:
             return
         weights = full_weights(model, self.dtype)
+        self.last_sync_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         self._weights = _ray().put(weights)
         held = self._all("load", self._weights, self.version)
         assert all(v == self.version for v in held), held
