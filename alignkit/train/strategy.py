@@ -288,6 +288,27 @@ def full_parameters(model: nn.Module):
         yield name, p.full_tensor() if isinstance(p, DTensor) else p
 
 
+def unit_of(model: nn.Module, module: nn.Module) -> nn.Module | None:
+    """The FSDP2 unit whose ``unshard()`` gathers ``module``'s own parameters: ``module`` itself or its nearest
+    enclosing unit (a decoder layer, else the :class:`Root` around the sharded model that holds ``model``); None
+    when ``model`` is not sharded. Unsharding one unit at a time is how a reader of the weights (the weight
+    sync's source) keeps at most one layer whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = _find_root(model)
+    if root is None:
+        return None
+    names = {m: name for name, m in root.named_modules()}
+    if module not in names:
+        raise ValueError(f"{type(module).__name__} is not inside the sharded model")
+    parts = names[module].split(".") if names[module] else []
+    for i in range(len(parts), -1, -1):  # the module itself, then its parents, up to the root
+        unit = root.get_submodule(".".join(parts[:i]))
+        if isinstance(unit, FSDPModule):
+            return unit
+    return root
+
+
 def _find_root(model) -> Root | None:
     for inner, root in list(_ROOTS.items()):
         if inner is model or any(m is model for m in inner.modules()):
