@@ -65,6 +65,7 @@ GUARDS = "tests/test_guards.py"
 FIXES = "tests/test_rl_fixes.py"
 DIST = "tests/test_rl_distributed.py"
 FSDP2 = "tests/test_fsdp2.py"
+WEIGHTS = "tests/test_weights.py"
 OFF = "tests/test_off_policy.py"
 
 MUTATIONS: list[Mutation] = [
@@ -350,6 +351,46 @@ MUTATIONS: list[Mutation] = [
     Mutation("lean_decode_off_cpu", "alignkit/rl/rollout.py",
              'if self.fast_decode and device.type == "cpu" else None', "if self.fast_decode else None",
              ("tests/test_device.py",), "the CPU's lean decode step runs on a GPU", k="online_recipe and grpo-lora"),
+    # ---------------------------------------------------------------- weight sync (alignkit/weights)
+    Mutation("weights_piece_offset", "alignkit/weights/buckets.py",
+             "Piece(offset=offset, nbytes=n,", "Piece(offset=offset + 1, nbytes=n,",
+             (WEIGHTS,), "a piece's recorded offset is one byte off where its bytes were written",
+             k="pack_splits or inproc"),
+    Mutation("weights_split_join", "alignkit/weights/buckets.py",
+             "parts[got:got + p.nbytes].copy_(chunk)", "parts[:p.nbytes].copy_(chunk)",
+             (WEIGHTS,), "a tensor split across buckets is joined with every piece written at its start",
+             k="pack_splits or inproc"),
+    Mutation("weights_tensor_skipped", "alignkit/weights/source.py",
+             "                for name in self._paths:\n                    module, attr = self._owner(name)",
+             "                for name in list(self._paths)[1:]:\n                    module, attr = self._owner(name)",
+             (WEIGHTS,), "the source never sends its first tensor (the embedding): the engine keeps a stale one",
+             k="inproc"),
+    Mutation("weights_tied_sent_twice", "alignkit/weights/names.py",
+             "        if id(t) in first:", "        if False:",
+             (WEIGHTS,), "a tied tensor is sent under each of its names", k="tied_tensor_travels_once"),
+    Mutation("weights_not_merged", "alignkit/weights/source.py",
+             "        value = merged_parameter(self.base, name)", "        value = self._stored(name)",
+             (WEIGHTS,), "LoRA merged mode sends the base weights without the adapters' deltas", k="lora_merged"),
+    Mutation("weights_adapter_names", "alignkit/weights/names.py",
+             'paths[path.replace(f".{adapter}", "")] = path', "paths[path] = path",
+             (WEIGHTS,), "adapters travel under the live parameter names, not the names peft saves and loads",
+             k="lora_merged"),
+    Mutation("weights_unit_not_gathered", "alignkit/weights/source.py",
+             "                            unit.unshard()  # a collective", "                            pass  # a collective",
+             (WEIGHTS,), "under FSDP2 a LoRA layer is merged from its shards, its unit never gathered",
+             k="fsdp2 and shm"),
+    Mutation("weights_missing_accepted", "alignkit/weights/sink.py",
+             "    if missing:", "    if False:",
+             (WEIGHTS,), "a sync that lacks a tensor is applied and its version recorded", k="missing_one_tensor"),
+    Mutation("weights_version_unchecked", "alignkit/weights/sink.py",
+             "        if int(version) != self.version:", "        if False:",
+             (WEIGHTS,), "an engine holding weights version v generates for a caller that asked for another",
+             k="records_its_version"),
+    Mutation("weights_shm_no_wait", "alignkit/weights/transports.py",
+             '                self._conn.send(("bucket", bucket.pieces, bucket.nbytes))\n                self._await()',
+             '                self._conn.send(("bucket", bucket.pieces, bucket.nbytes))',
+             (WEIGHTS,), "the shm sender refills the shared bucket before the receiver has copied it out",
+             k="shm_carries"),
 ]
 
 
