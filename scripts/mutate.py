@@ -71,7 +71,7 @@ OFF = "tests/test_off_policy.py"
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- online RL: rollouts and the engine
     Mutation("weight_sync", "alignkit/rl/trainer.py",
-             "self.collector.engine.update_weights(policy, version=version)", "pass",
+             "        engine.update_weights(policy, version=version)\n", "",
              (MECH,), "the rollout engine never gets the trained weights (bf16 copy stays at the initial model)",
              k="current_policy_weights or bf16_rollouts_learn"),
     Mutation("prepacked_refresh", "alignkit/rl/rollout.py",
