@@ -44,6 +44,7 @@ from alignkit.models.logprobs import unwrap
 from alignkit.models.prepacked import prepack_linears
 from alignkit.rl.decode import KVBuffer, fast_decoder, head_logits
 from alignkit.train import strategy
+from alignkit.weights import WeightVersionError
 
 STOP_MARGIN = 8  # extra tail tokens decoded for the stop check (tokens that decode to no text, split UTF-8)
 
@@ -77,7 +78,7 @@ class Completion:
     weight_version: int = 0  # the version of the weights that sampled it (RolloutEngine.version)
 
 
-class StaleWeights(RuntimeError):
+class StaleWeights(WeightVersionError):
     """An engine was asked to generate with another weight version than the one it holds."""
 
 

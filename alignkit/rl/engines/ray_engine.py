@@ -31,8 +31,7 @@ import torch
 
 from alignkit.errors import ConfigError
 from alignkit.models.logprobs import unwrap
-from alignkit.rl.rollout import Completion, LocalEngine, SamplingParams, check_version, merged_parameter, row_seed
-from alignkit.train import strategy
+from alignkit.rl.rollout import Completion, LocalEngine, SamplingParams, check_version, row_seed
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +44,15 @@ def _ray():
     return ray
 
 
-def plain_names(model) -> list[str]:
-    """The parameter names of ``model``'s architecture without wrappers (peft, FSDP2), tied weights once: the
-    names a fresh model of its class has (built on the meta device, so nothing is allocated)."""
-    base = unwrap(model)
-    with torch.device("meta"):
-        fresh = type(base)(base.config)
-    return [name for name, _ in fresh.named_parameters()]
-
-
 def full_weights(model, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every parameter of ``model`` as a whole CPU tensor under its plain name, LoRA merged, FSDP2 shards gathered
-    (a collective under FSDP2: every process calls it)."""
-    base = unwrap(model)
-    with torch.no_grad(), strategy.gathered(model):
-        return {name: merged_parameter(base, name).detach().to("cpu", dtype).clone() for name in plain_names(model)}
+    """Every tensor of ``model`` whole, on the CPU, in ``dtype``, under a fresh model's names, LoRA merged and
+    FSDP2 shards gathered one at a time (:class:`alignkit.weights.ModuleSource`; a collective under FSDP2:
+    every process calls it, and the main one gets the tensors)."""
+    from alignkit.weights import ModuleSource
+
+    with torch.no_grad():
+        return {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).clone()
+                for name, t in ModuleSource(model, lora="merged")}
 
 
 class RolloutWorker:
@@ -74,14 +67,11 @@ class RolloutWorker:
                                   fast_decode=fast_decode)
 
     def load(self, weights: dict[str, torch.Tensor], version: int) -> int:
-        """Write every parameter (all of them, by name) and refresh the engine; returns the version held."""
-        params = dict(self.model.named_parameters())
-        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-        if missing or extra:
-            raise RuntimeError(f"weight sync: missing {missing[:5]}, unexpected {extra[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name])
+        """Write every tensor by name (a missing or unexpected one fails: :func:`alignkit.weights.apply_weights`)
+        and refresh the engine; returns the version held."""
+        from alignkit.weights import apply_weights
+
+        apply_weights(self.model, weights.items())
         self.engine.update_weights(self.model, version=version)
         return self.engine.version
 
