@@ -75,6 +75,8 @@ def test_two_workers_sample_what_the_local_engine_samples_before_and_after_a_syn
     after = _same(local, remote, prompts, version=remote.version)
     assert _flat(before) != _flat(after), "the step changed nothing: the test would not see a missed sync"
     assert {c.weight_version for g in after for c in g} == {remote.version}
+    # LoRA: after the base (once, when a worker starts) a sync carries the adapters alone, in float32
+    assert remote.last_sync_bytes == sum(4 * p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_a_sync_writes_every_weight_of_a_zeroed_worker(setup):

@@ -2,11 +2,14 @@
 copy of the policy.
 
 The trainer keeps the policy; each worker builds the same architecture from its config (random weights, CPU,
-float32) and receives the trainer's weights at every :meth:`RayEngine.update_weights`: the full tensors under
-their plain Hugging Face names, LoRA adapters merged in (``W + B A s``) and FSDP2 shards gathered, put once
-into Ray's object store and read by every worker, which loads them and refreshes its own engine (its bf16
-copy, prepacked where the CPU allows, as in process). With ``rollout_precision=bf16`` the weights travel in
-bf16: the worker's copy casts them again, which changes nothing, so the bytes halve for free.
+float32) and receives the trainer's weights at every :meth:`RayEngine.update_weights` through
+:mod:`alignkit.weights` (a fresh model's names, tied weights once, FSDP2 shards gathered a tensor at a time),
+put once into Ray's object store and read by every worker, which writes them by name and refreshes its own
+engine (its bf16 copy, prepacked where the CPU allows, as in process). Full fine-tuning sends every weight,
+in bf16 with ``rollout_precision=bf16`` (the worker's copy casts them again, which changes nothing, so the
+bytes halve for free). LoRA sends the frozen base once, in float32, when a worker starts; the worker wraps it
+with the policy's adapter config, and every sync after that carries the adapters alone, which the worker's
+engine merges (``W + B A s``) exactly as the in-process engine does.
 
 Generation deals the prompts round-robin over the workers (a prompt's samples stay together) and reassembles
 the groups in prompt order. Online RL passes a seed per prompt, so what a worker samples does not depend on
@@ -58,20 +61,36 @@ def full_weights(model, dtype: torch.dtype = torch.float32) -> dict[str, torch.T
 class RolloutWorker:
     """The body of one rollout actor: a policy copy and its :class:`LocalEngine`."""
 
-    def __init__(self, config, tokenizer, precision: str, max_batch: int, fast_decode: bool, threads: int):
+    def __init__(self, config, tokenizer, precision: str, max_batch: int, fast_decode: bool, threads: int,
+                 lora_config=None):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(max(1, threads))
         self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
-        self.engine = LocalEngine(self.model, tokenizer, precision=precision, max_batch=max_batch,
-                                  fast_decode=fast_decode)
+        self.lora_config, self.engine = lora_config, None
+        self.engine_args = (tokenizer, precision, max_batch, fast_decode)
 
-    def load(self, weights: dict[str, torch.Tensor], version: int) -> int:
-        """Write every tensor by name (a missing or unexpected one fails: :func:`alignkit.weights.apply_weights`)
-        and refresh the engine; returns the version held."""
+    def load(self, base: dict | None, adapters: dict | None, version: int) -> int:
+        """Write a sync and refresh the engine; returns the version held. ``base`` (whole weights under a fresh
+        model's names) comes first; with LoRA the model is then wrapped with the policy's adapter config and
+        ``adapters`` (peft's names) written into it. Every tensor of the target must arrive (a missing or
+        unexpected one fails: :func:`alignkit.weights.apply_weights`)."""
         from alignkit.weights import apply_weights
 
-        apply_weights(self.model, weights.items())
+        if base is not None:
+            if hasattr(self.model, "peft_config"):
+                raise RuntimeError("base weights sent to a worker that already wrapped its adapters")
+            apply_weights(self.model, base.items())
+        if self.lora_config is not None and not hasattr(self.model, "peft_config"):
+            from peft import get_peft_model
+
+            self.model = get_peft_model(self.model, self.lora_config).eval().requires_grad_(False)
+        if adapters is not None:
+            apply_weights(self.model, adapters.items())
+        if self.engine is None:
+            tok, precision, max_batch, fast_decode = self.engine_args
+            self.engine = LocalEngine(self.model, tok, precision=precision, max_batch=max_batch,
+                                      fast_decode=fast_decode)
         self.engine.update_weights(self.model, version=version)
         return self.engine.version
 
@@ -79,10 +98,13 @@ class RolloutWorker:
         return self.engine.generate(prompts, n, sampling, seeds=seeds, version=version)
 
     def scramble(self) -> None:
-        """Zero every weight of the worker's model and engine copy (tests: a later sync must write them all)."""
+        """Zero every tensor a sync writes (all weights; with LoRA, the adapters) and refresh the engine (tests: the
+        next sync must write them all)."""
+        from alignkit.weights.sink import target_table
+
         with torch.no_grad():
-            for p in self.model.parameters():
-                p.zero_()
+            for t in target_table(self.model).values():
+                t.zero_()
         self.engine.update_weights(self.model, version=self.engine.version)
 
     def pid(self) -> int:
@@ -105,17 +127,29 @@ class RayEngine:
         self.precision, self.version, self.asleep = precision, 0, False
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         base = unwrap(model)
+        # LoRA: the frozen base travels once (float32, so the workers merge exactly what the trainer would), then
+        # the adapters alone at every sync
+        peft_config = getattr(model, "peft_config", None)
+        self.lora_config = next(iter(peft_config.values())) if peft_config else None
         self._spec = (base.config, tokenizer, precision, max_batch, fast_decode, cpus_per_worker)
         self._actor_cls = ray.remote(num_cpus=cpus_per_worker)(RolloutWorker)
+        self._base = None  # object-store reference of the base weights (LoRA), for every new worker
+        if self.lora_config is not None:
+            with model.disable_adapter():
+                self._base = ray.put(full_weights(model, torch.float32))
+        self._sync = (None, None)  # object-store references of the current version's sync: (base, adapters)
         self.workers = [self._start() for _ in range(workers)]
-        self._weights = None  # the object-store reference of the current version's weights
         self.model = model
         self.restarts, self.last_sync_bytes = 0, 0
         self.update_weights(model, version=0)
         log.info("rollout: %d Ray workers (%s, %d CPU each)", workers, precision, cpus_per_worker)
 
     def _start(self):
-        return self._actor_cls.remote(*self._spec[:5], threads=self._spec[5])
+        """A new worker; with LoRA, loaded with the base weights (its adapters come with the next sync)."""
+        worker = self._actor_cls.remote(*self._spec[:5], threads=self._spec[5], lora_config=self.lora_config)
+        if self._base is not None:  # runs before any later call to this worker (a caller's calls keep order)
+            worker.load.remote(self._base, None, self.version)
+        return worker
 
     def _call(self, i: int, method: str, *args):
         """``ray.get`` of one worker's call; a dead worker is replaced, loaded with the current weights, and the
@@ -127,8 +161,8 @@ class RayEngine:
             log.warning("rollout worker %d died: starting a new one with weights version %d", i, self.version)
             self.workers[i] = self._start()
             self.restarts += 1
-            if self._weights is not None:
-                ray.get(self.workers[i].load.remote(self._weights, self.version))
+            if self._sync != (None, None):
+                ray.get(self.workers[i].load.remote(*self._sync, self.version))
             return ray.get(getattr(self.workers[i], method).remote(*args))
 
     def _all(self, method: str, *args) -> list:
@@ -150,10 +184,18 @@ class RayEngine:
         self.version = self.version + 1 if version is None else version
         if self.asleep:
             return
-        weights = full_weights(model, self.dtype)
-        self.last_sync_bytes = sum(t.numel() * t.element_size() for t in weights.values())
-        self._weights = _ray().put(weights)
-        held = self._all("load", self._weights, self.version)
+        ray = _ray()
+        if self.lora_config is not None:
+            from alignkit.weights import ModuleSource
+
+            with torch.no_grad():
+                sent = {name: t.detach().cpu().clone() for name, t in ModuleSource(model, lora="adapters")}
+            self._sync = (None, ray.put(sent))
+        else:
+            sent = full_weights(model, self.dtype)
+            self._sync = (ray.put(sent), None)
+        self.last_sync_bytes = sum(t.numel() * t.element_size() for t in sent.values())
+        held = self._all("load", *self._sync, self.version)
         assert all(v == self.version for v in held), held
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
