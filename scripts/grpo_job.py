@@ -23,7 +23,7 @@ from alignkit.recipes import rl
 DEFAULTS = dict(
     model="smollm2-135m-instruct", preset="grpo", rewards="correctness", lora=True, lora_r=16, lora_alpha=32,
     lr=2e-4, scheduler="constant", warmup_steps=2, prompts_per_step=8, num_generations=8, max_new_tokens=64,
-    temperature=0.8, max_steps=30, precision="bf16", rollout_precision="bf16", batch_size=2, max_length=512,
+    temperature=0.8, max_steps=30, precision="auto", rollout_precision="auto", batch_size=2, max_length=512,
     output_dir="outputs/grpo", overwrite=True,  # a re-run of the job replaces its previous output
 )
 
@@ -54,9 +54,21 @@ def write_data(out: Path, pool: str) -> tuple[Path, Path, int, int]:
     return paths[0][0], paths[1][0], paths[0][1], paths[1][1]
 
 
+def resolve_precision(overrides: dict) -> dict:
+    """``auto`` precision: bf16 where bf16 matmuls are native (a GPU; a CPU with AVX512-BF16 or AMX, which
+    oneDNN's bf16 path needs), fp32 elsewhere, where bf16 is emulated and several times slower than fp32."""
+    import torch
+
+    from alignkit.models.prepacked import prepack_available
+
+    native = torch.cuda.is_available() or prepack_available()
+    return {k: ("bf16" if native else "fp32") if k in ("precision", "rollout_precision") and v == "auto" else v
+            for k, v in overrides.items()}
+
+
 def main(argv: list[str]) -> None:
     t0 = time.time()
-    overrides = {**DEFAULTS, **dict(a.split("=", 1) for a in argv)}
+    overrides = resolve_precision({**DEFAULTS, **dict(a.split("=", 1) for a in argv)})
     pool = overrides.pop("pool", "solved")
     train_path, test_path, n_train, n_test = write_data(Path(overrides["output_dir"]) / "data", pool)
     cfg = build(RLConfig, overrides={**overrides, "data": str(train_path), "eval_data": str(test_path)})

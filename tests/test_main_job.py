@@ -32,3 +32,21 @@ def test_main_job_writes_report(tmp_path):
     for key in ("answer_accuracy_before", "answer_accuracy_after"):
         assert 0.0 <= result[key] <= 1.0
     assert result["steps"] == 2 and "logp_accuracy" in result["eval_before"] and "rewards/accuracy" in result["eval_after"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_grpo_job_takes_bf16_only_where_it_is_native(monkeypatch, native):
+    """``precision=auto`` (the GRPO job's default) is bf16 where bf16 matmuls are native and fp32 where they are
+    emulated (several times slower than fp32 on such a CPU); an explicit setting is kept."""
+    import torch
+
+    from alignkit.models import prepacked
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import grpo_job
+
+    monkeypatch.setattr(prepacked, "prepack_available", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    got = grpo_job.resolve_precision({**grpo_job.DEFAULTS, "rollout_precision": "bf16"})
+    assert got["precision"] == ("bf16" if native else "fp32") and got["rollout_precision"] == "bf16"
+    assert grpo_job.DEFAULTS["precision"] == "auto"
