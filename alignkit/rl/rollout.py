@@ -130,6 +130,28 @@ def check_version(engine, version: int | None) -> None:
                            f"{engine.version}: a weight sync was missed")
 
 
+def check_request(engine, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, version: int | None) -> None:
+    """What an engine checks before generating: awake, holding ``version`` (when given), a token in every prompt,
+    one seed per prompt (when given)."""
+    if engine.asleep:
+        raise EngineAsleep("the rollout engine is asleep: call wake() before generate()")
+    check_version(engine, version)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"seeds needs one int per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
+
+
+def completion_text(tokenizer, token_ids: list[int], reason: str, stops: Sequence[str]) -> str:
+    """A completion's text: decoded without special tokens, cut before the first stop string when one ended it."""
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    if reason == "stop":
+        cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if cuts:
+            text = text[: min(cuts)]
+    return text
+
+
 def sample_next(logits_BV: torch.Tensor, sampling: SamplingParams, u_B: torch.Tensor | None):
     """Next tokens ``[B]`` and their log-probs ``[B]`` (untruncated tempered distribution) from ``logits_BV``.
 
@@ -314,13 +336,7 @@ class LocalEngine:
         ``sampling.seed`` (random when None) serves the whole call. ``version``: the weight version the caller
         expects (:class:`StaleWeights` otherwise).
         """
-        if self.asleep:
-            raise EngineAsleep("the rollout engine is asleep: call wake() before generate()")
-        check_version(self, version)
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"seeds needs one int per prompt: {len(seeds)} seeds for {len(prompts)} prompts")
+        check_request(self, prompts, seeds, version)
         if n <= 0:
             return [[] for _ in prompts]
         net = self._copy if self._copy is not None else self.model
@@ -418,13 +434,8 @@ class LocalEngine:
         return any(s in text for s in stops)
 
     def _completion(self, token_ids: list[int], logps: list[float], reason: str, stops) -> Completion:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        if reason == "stop":
-            cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-            if cuts:
-                text = text[: min(cuts)]
-        return Completion(token_ids=token_ids, text=text, logps=logps, finish_reason=reason,
-                          weight_version=self.version)
+        return Completion(token_ids=token_ids, text=completion_text(self.tokenizer, token_ids, reason, stops),
+                          logps=logps, finish_reason=reason, weight_version=self.version)
 
 
 def _forward(net, ids_BT, mask_BS, pos_BT, cache) -> torch.Tensor:
