@@ -23,16 +23,6 @@ SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import os
-
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(ray_cluster):
     model, tok = load_model("tiny", seed=0)
     model = add_lora(model, LoraSettings(r=4, alpha=8))

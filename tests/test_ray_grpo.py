@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+from pathlib import Path
 
 import pytest
 
@@ -16,36 +16,21 @@ import _toy  # noqa: E402
 from alignkit.models.loading import load_model  # noqa: E402
 from alignkit.rl.engines.ray_engine import RayEngine  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _grpo(tmp_path, name, backend, **extra):
     from alignkit.config import RLConfig
     from alignkit.recipes import rl
 
     reward = tmp_path / "reward.py"
-    reward.write_text(_REWARD)
+    reward.write_text((ROOT / "tests" / "_toy.py").read_text())  # its max_digit_reward
     cfg = RLConfig(model="tiny", data=str(_toy.prompt_jsonl(tmp_path)), rewards=f"{reward}:max_digit_reward",
                    output_dir=str(tmp_path / name), prompts_per_step=4, num_generations=4, max_new_tokens=4,
                    rollout_batch=4, max_steps=3, batch_size=2, lr=1e-3, progress=False, seed=0, overwrite=True,
                    eval_fraction=0, rollout_backend=backend, rollout_workers=2, **extra)
     rl.run(cfg)
     return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-
-_REWARD = '''
-def max_digit_reward(prompts, completions, answer, **_):
-    out = []
-    for c, a in zip(completions, answer):
-        first = c.lstrip()[:1]
-        out.append(1.0 if first == a else 0.2 if first.isdigit() else 0.0)
-    return out
-'''
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_grpo_with_ray_workers_equals_the_in_process_run_even_when_a_worker_dies(tmp_path, ray_cluster, monkeypatch):
