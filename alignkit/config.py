@@ -281,6 +281,7 @@ class RLConfig(RolloutConfig):
     mismatch_threshold: float = opt(0.2, "mismatch/frac_over counts tokens whose |log p_rollout - log p_trainer| exceeds this.")
     mismatch_alarm: float = opt(0.0, "Warn (once per step) when mismatch/max_abs, the largest |log p_rollout - log p_trainer|, exceeds this (0: never).")
     mismatch_strict: bool = opt(False, "Stop the run (exit 1) instead of warning when the mismatch alarm sounds.")
+    max_staleness: int = opt(0, "Asynchronous rollouts: the rollouts of up to this many later steps are generated in the background while a step trains, so a completion may be sampled by weights this many rollouts old (0: the synchronous loop). Pair it with an off-policy correction (correction=tis, ...); one training process only.")
 
     @property
     def is_low_high(self) -> tuple[float, float]:
@@ -328,6 +329,8 @@ class RLConfig(RolloutConfig):
         if self.mismatch_threshold <= 0 or self.mismatch_alarm < 0:
             raise ConfigError(f"need mismatch_threshold > 0 and mismatch_alarm >= 0, got {self.mismatch_threshold} "
                               f"and {self.mismatch_alarm}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness must be >= 0 (0: synchronous rollouts), got {self.max_staleness}")
         if self.mismatch_strict and self.mismatch_alarm <= 0:
             raise ConfigError("mismatch_strict=true needs a mismatch_alarm level (> 0) to act on")
 

@@ -73,7 +73,7 @@ VLLM_ON = "__import__('os').environ.get('ALIGNKIT_VLLM_TESTS') == '1'"  # the ch
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- online RL: rollouts and the engine
     Mutation("weight_sync", "alignkit/rl/trainer.py",
-             "        engine.update_weights(policy, version=version)\n", "",
+             "        engine.update_weights(model, version=version)\n", "",
              (MECH,), "the rollout engine never gets the trained weights (bf16 copy stays at the initial model)",
              k="current_policy_weights or bf16_rollouts_learn"),
     Mutation("prepacked_refresh", "alignkit/rl/rollout.py",
@@ -412,6 +412,29 @@ MUTATIONS: list[Mutation] = [
              '                self._conn.send(("bucket", bucket.pieces, bucket.nbytes))',
              (WEIGHTS,), "the shm sender refills the shared bucket before the receiver has copied it out",
              k="shm_carries"),
+    Mutation("async_no_snapshot", "alignkit/rl/pipeline.py",
+             "                    load_snapshot(self.shadow, job.weights)\n", "",
+             ("tests/test_async_rollouts.py",), "asynchronous rollouts sample with the initial weights forever",
+             k="minus_k"),
+    Mutation("async_snapshot_late", "alignkit/rl/pipeline.py",
+             "            weights = weights if weights is not None else snapshot(policy)",
+             "            weights = dict(policy.named_parameters())",
+             ("tests/test_async_rollouts.py",), "a background rollout reads the weights the optimizer is writing",
+             k="snapshot_is_taken"),
+    Mutation("async_one_too_deep", "alignkit/rl/pipeline.py",
+             "min(rollout + self.depth, self.last)", "min(rollout + self.depth + 1, self.last)",
+             ("tests/test_async_rollouts.py",), "completions one rollout staler than max_staleness allows",
+             k="minus_k"),
+    Mutation("async_sampler_state_current", "alignkit/rl/trainer.py",
+             "        sampler = self.pipeline.sampler_state(self.buffer_rollout + 1) if self.pipeline is not None else None",
+             "        sampler = None",
+             ("tests/test_async_rollouts.py",), "a resumed asynchronous run skips the prompts that were in flight",
+             k="resume"),
+    Mutation("async_engine_unlocked", "alignkit/rl/pipeline.py",
+             "            with self._lock:\n                return getattr(self.engine, name)(*args, **kwargs)",
+             "            return getattr(self.engine, name)(*args, **kwargs)",
+             ("tests/test_async_rollouts.py",), "the held-out evaluation syncs the engine in the middle of a rollout",
+             k="held_for_a_whole_job"),
 ]
 
 

@@ -34,6 +34,7 @@ from alignkit.recipes.common import (log_data, resuming, save_final, seed_everyt
 from alignkit.rl.objective import KLController
 from alignkit.rl.rewards import SUPPLIED_COLUMNS, RewardContext, build_reward_set
 from alignkit.rl.engines import build_engine
+from alignkit.rl.pipeline import Serialised, pipelined
 from alignkit.rl.rollout import RolloutEngine, SamplingParams
 from alignkit.rl.sampling import Curriculum, DynamicSampler, PromptSampler
 from alignkit.rl.trainer import ActorCritic, Collector, PolicyTask, Prompt, Rollouts, ValueHead
@@ -130,6 +131,9 @@ def prepare_online(cfg: RolloutConfig) -> Online:
     if cfg.rollout_backend == "ray" and dist.world() > 1:
         raise ConfigError("rollout_backend=ray with several training processes is not supported yet: launch the "
                           "trainer as one process (its Ray workers generate), or use rollout_backend=local")
+    if pipelined(cfg) and dist.world() > 1:
+        raise ConfigError(f"max_staleness={cfg.max_staleness} (asynchronous rollouts) with several training processes "
+                          "is not supported yet: run one process, or max_staleness=0")
     seed_everything(cfg.seed)
     ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
                         overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4),
@@ -149,6 +153,8 @@ def prepare_online(cfg: RolloutConfig) -> Online:
     # on its device before the engine copies it and the "before" evaluation generates (sharded later, by the loop)
     strategy.place(policy, cfg.device)
     engine = build_engine(policy, tok, cfg)
+    if pipelined(cfg):  # the background rollouts and the held-out evaluation take turns with the engine
+        engine = Serialised(engine)
     evaluate = evaluator(engine, rewards, held, policy, cfg) if held else None
     return Online(policy, tok, lora, prompts, held, rewards, engine, evaluate)
 
@@ -202,6 +208,10 @@ def run(cfg: RLConfig) -> dict:
     task = PolicyTask(obj, kl, o.tok.pad_token_id, cfg.logits_chunk, vf_coef=cfg.vf_coef, value_clip=cfg.value_clip,
                       temperature=cfg.temperature, mismatch_threshold=cfg.mismatch_threshold,
                       mismatch_alarm=cfg.mismatch_alarm, mismatch_strict=cfg.mismatch_strict)
+    if pipelined(cfg) and cfg.correction == "none":
+        log.warning("max_staleness=%d: completions are sampled by weights up to %d rollouts old and trained on "
+                    "without an off-policy correction; correction=tis (or icepop, ...) weighs them back "
+                    "(docs/off_policy.md)", cfg.max_staleness, cfg.max_staleness)
     log.info("%s: %d prompts (%d held out), %d optimizer steps, %d per rollout; %s", cfg.preset, len(o.prompts),
              len(o.held), n_steps, updates, obj)
     summary = train_online(o, task, model, source, cfg, cfg.preset)

@@ -68,6 +68,7 @@ from alignkit.losses.policy import get_aggregation, get_kl_estimator, value_loss
 from alignkit.models.device import model_device, on_model
 from alignkit.models.logprobs import autocast, hidden_states, project_logps
 from alignkit.rl.objective import KLController, Objective, compute_advantages, policy_objective
+from alignkit.rl.pipeline import Pipeline, pipelined
 from alignkit.rl.rollout import SamplingParams
 from alignkit.train import dist, strategy
 from alignkit.train.loop import Metrics, micro_batches
@@ -318,6 +319,7 @@ class Rollouts:
         self.buffer_rollout = -1
         self._fresh = True
         self._metrics: Metrics = {}
+        self.pipeline: Pipeline | None = None  # max_staleness > 0: rollouts generated in the background
 
     # ---- StepSource
     def rows(self, step: int, model) -> list[Encoded]:
@@ -350,8 +352,10 @@ class Rollouts:
         return m
 
     def state_dict(self) -> dict:
+        # with rollouts in flight, the sampler's state from before the first of them drew (alignkit.rl.pipeline)
+        sampler = self.pipeline.sampler_state(self.buffer_rollout + 1) if self.pipeline is not None else None
         return {"buffer": self.buffer, "buffer_rollout": self.buffer_rollout, "kl": self.kl.state_dict(),
-                "sampler": self.collector.sampler.state_dict()}
+                "sampler": sampler or self.collector.sampler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -362,15 +366,23 @@ class Rollouts:
 
     # ---- one rollout
     def _rollout(self, rollout: int, model) -> None:
-        m = Sums()
         t0 = time.perf_counter()
         policy = policy_of(model)
         version = rollout * self.updates  # the optimizer steps the weights have taken
-        engine = self.collector.engine
-        engine.update_weights(policy, version=version)
-        m.add("time/sync", time.perf_counter() - t0, 1.0)
-        m.add("sync/bytes", float(getattr(engine, "last_sync_bytes", 0)), 1.0)
-        groups = self.collector.collect(rollout, self.cfg.prompts_per_step * dist.world(), m, version=version)
+        if pipelined(self.cfg):
+            if self.pipeline is None:
+                last = (self.n_steps - 1) // self.updates
+                self.pipeline = Pipeline(self.collector.engine, policy, self._generate, self.collector.sampler,
+                                         self.cfg.max_staleness, last)
+            groups, m, wait = self.pipeline.take(rollout, policy, version)
+            m.add("time/wait", wait, 1.0)  # the trainer blocked on the engine
+        else:
+            groups, m = self._generate(policy, rollout, version)
+        # optimizer steps between the weights that sampled a completion and the weights about to train on it
+        lag = [version - c.weight_version for g in groups for c in g.completions if c.weight_version is not None]
+        if lag:
+            m.add("rollout/staleness", float(sum(lag)), float(len(lag)), shared=True)
+            m.add("rollout/max_staleness", float(max(lag)), 1.0, shared=True)
         rows = [self._row(g) for g in groups]
         if rows:
             self._score_tokens(model, rows, m)
@@ -380,6 +392,17 @@ class Rollouts:
         m.add("time/rollout", time.perf_counter() - t0, 1.0)
         m.add("kl_coef", self.kl.beta, 1.0, shared=True)
         self._metrics = m.out()
+
+    def _generate(self, model, rollout: int, version: int) -> tuple[list[Group], Sums]:
+        """Sync the engine to ``model``'s weights as ``version``, then sample and score rollout ``rollout``."""
+        m = Sums()
+        t0 = time.perf_counter()
+        engine = self.collector.engine
+        engine.update_weights(model, version=version)
+        m.add("time/sync", time.perf_counter() - t0, 1.0)
+        m.add("sync/bytes", float(getattr(engine, "last_sync_bytes", 0)), 1.0)
+        groups = self.collector.collect(rollout, self.cfg.prompts_per_step * dist.world(), m, version=version)
+        return groups, m
 
     def _row(self, g: Group) -> Encoded:
         responses = [list(c.token_ids) for c in g.completions]
