@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from alignkit import __version__
 from alignkit.config import DPOConfig, EvalConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
-from alignkit.errors import CheckpointError, Stopped, TrainingDiverged, UserError
+from alignkit.errors import CheckpointError, ConfigError, Stopped, TrainingDiverged, UserError
 
 METHODS = {
     "sft": (SFTConfig, "alignkit.recipes.sft", "Supervised fine-tuning on text, messages or prompt/completion rows."),
@@ -58,9 +59,16 @@ def _method(name: str, argv: list[str]) -> int:
 
     from alignkit.train import dist
 
-    summary = importlib.import_module(module).run(cfg)
-    main_process = dist.rank() == 0
-    dist.finish()
+    if getattr(cfg, "learners", 0) and not os.environ.get("ALIGNKIT_RAY_LEARNER"):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("learners=N places the training processes with Ray: launch one process, not torchrun")
+        from alignkit.train.ray_launch import launch
+
+        summary, main_process = launch(module, cfg), True  # rank 0's summary
+    else:
+        summary = importlib.import_module(module).run(cfg)
+        main_process = dist.rank() == 0
+        dist.finish()
     if main_process:
         print(json.dumps(summary, indent=2, default=float))
     return 0

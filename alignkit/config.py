@@ -23,6 +23,14 @@ def opt(default, help: str, choices: tuple | None = None, list_as: str | None = 
     return field(default=default, metadata={"help": help, "choices": choices, "list_as": list_as})
 
 
+def check_choices(cfg) -> None:
+    """A ConfigError naming the first field whose value is not one of its declared choices."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"{f.name}={getattr(cfg, f.name)!r}: expected one of {', '.join(map(str, choices))}")
+
+
 def _has_accelerator() -> bool:
     import torch
 
@@ -78,12 +86,15 @@ class TrainConfig:
     save_merged: bool = opt(True, "With LoRA, write final/ as merged weights (else the adapter, naming its base).")
     tensorboard: bool = opt(False, "Also log to TensorBoard under output_dir/tensorboard.")
     progress: bool = opt(True, "Show a progress bar.")
+    learners: int = opt(0, "Training processes placed by Ray (pip install alignkit[ray]; docs/scaling.md), initialised as under torchrun, one placement-group bundle each (0: this process, or the processes torchrun starts).")
+    learner_cpus: int = opt(1, "learners=N: CPUs reserved for each learner.")
+    learner_gpus: float = opt(0.0, "learners=N: GPUs reserved for each learner (1 on a GPU cluster).")
+    placement: str = opt("pack", "learners=N: pack the learners' bundles on as few nodes as possible, or spread them over different nodes.", ("pack", "spread"))
+    placement_timeout: float = opt(120.0, "learners=N: seconds to wait for Ray to reserve the bundles before stopping with exit 2.")
+    ray_address: str = opt("", "Ray (learners=N, rollout_backend=ray): the cluster to join ('auto', or ray://host:port); empty: start Ray here with this machine's cores.")
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}: expected one of {', '.join(map(str, choices))}")
+        check_choices(self)
         if not self.data:
             raise ConfigError("data= is required (a data file or a datasets name)")
         for name in ("batch_size", "grad_accum", "max_length", "logits_chunk", "log_every", "max_bad_steps"):
@@ -100,6 +111,8 @@ class TrainConfig:
         if self.cpu_offload and (self.device == "cpu" or self.device == "auto" and not _has_accelerator()):
             raise ConfigError("cpu_offload=true moves FSDP2's shards from an accelerator to CPU memory, but this run "
                               "is on the CPU already (device=cpu, or auto without a GPU): leave cpu_offload off")
+        if self.learners < 0 or self.learner_cpus < 1 or self.learner_gpus < 0 or self.placement_timeout <= 0:
+            raise ConfigError("need learners >= 0, learner_cpus >= 1, learner_gpus >= 0 and placement_timeout > 0")
         if self.strategy == "fsdp2" and self.compile:
             raise ConfigError("strategy=fsdp2 with compile=true is not supported yet: choose one of them")
 
@@ -201,7 +214,6 @@ class RolloutConfig(TrainConfig):
     vllm_gpu_memory: float = opt(0.3, "rollout_backend=vllm on a GPU: the share of GPU memory vLLM may take (leave room for training).")
     vllm_transport: str = opt("reload", "rollout_backend=vllm: weight sync by in-process reload (tested on CPU) or vLLM's CUDA IPC weight-transfer API (experimental, untested).", ("reload", "ipc"))
     rollout_workers: int = opt(2, "rollout_backend=ray: rollout actors, each with an engine of its own.")
-    ray_address: str = opt("", "rollout_backend=ray: the cluster to join ('auto', or ray://host:port); empty: start Ray here with this machine's cores.")
     rewards: str = opt("correctness", "Comma-separated reward functions (in YAML a list): correctness, format, length, overlong, language, rm:PATH, module:function or file.py:function.", list_as="comma")
     reward_weights: str = opt("", "Comma-separated weights of the reward functions (default: all 1; in YAML a list).", list_as="comma")
     reward_timeout: float = opt(30.0, "Seconds a reward function may take per call before its completions get no reward.")
@@ -331,6 +343,10 @@ class RLConfig(RolloutConfig):
                               f"and {self.mismatch_alarm}")
         if self.max_staleness < 0:
             raise ConfigError(f"max_staleness must be >= 0 (0: synchronous rollouts), got {self.max_staleness}")
+        if self.learners > 1 and (self.rollout_backend == "ray" or self.max_staleness > 0):
+            raise ConfigError(f"learners={self.learners} with rollout_backend={self.rollout_backend} and max_staleness="
+                              f"{self.max_staleness}: rollout_backend=ray and asynchronous rollouts need one training "
+                              "process for now (learners=1 or 0)")
         if self.mismatch_strict and self.mismatch_alarm <= 0:
             raise ConfigError("mismatch_strict=true needs a mismatch_alarm level (> 0) to act on")
 

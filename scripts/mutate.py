@@ -435,6 +435,15 @@ MUTATIONS: list[Mutation] = [
              "            return getattr(self.engine, name)(*args, **kwargs)",
              ("tests/test_async_rollouts.py",), "the held-out evaluation syncs the engine in the middle of a rollout",
              k="held_for_a_whole_job"),
+    Mutation("ray_learners_no_rendezvous", "alignkit/train/ray_launch.py",
+             "        os.environ.update(env)\n", "",
+             ("tests/test_ray_launch.py",), "Ray's learners each train alone instead of as one process group",
+             k="equal_one_process"),
+    Mutation("ray_learners_error_lost", "alignkit/train/ray_launch.py",
+             "                raise e.cause if isinstance(e.cause, BaseException) else e from None",
+             "                raise RuntimeError(f\"learner {rank} failed\") from None",
+             ("tests/test_ray_launch.py",), "a learner's bad-input error exits 1 without naming the file and line",
+             k="learner_error"),
 ]
 
 
