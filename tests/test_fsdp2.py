@@ -256,7 +256,9 @@ def test_sharded_ppo_with_a_separate_value_model_equals_one_process(tmp_path):
     ma, mb = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(ma) == len(mb) == 3
     for ra, rb in zip(ma, mb):
-        assert ra["value/loss"] == rb["value/loss"] and ra["reward/mean"] == rb["reward/mean"]
+        assert ra["reward/mean"] == rb["reward/mean"]
+        # the critic's loss is reduced over the two shards in another order: equal to float rounding
+        assert abs(ra["value/loss"] - rb["value/loss"]) <= 1e-6 * abs(ra["value/loss"])
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6 * abs(ra["loss"]), (ra["loss"], rb["loss"])
         assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-5
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
