@@ -16,7 +16,8 @@ import traceback
 from pathlib import Path
 
 from alignkit import __version__
-from alignkit.config import DPOConfig, EvalConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
+from alignkit.config import CAIConfig, DPOConfig, EvalConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
+from alignkit.config import BoNConfig, RejectionConfig, SelfRewardConfig
 from alignkit.errors import CheckpointError, ConfigError, Stopped, TrainingDiverged, UserError
 
 METHODS = {
@@ -26,7 +27,11 @@ METHODS = {
     "grpo": (RLConfig, "alignkit.recipes.rl", "Online RL on prompts: preset=grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp|ppo."),
     "ppo": (PPOConfig, "alignkit.recipes.rl", "PPO-RLHF: policy, reference, reward function or model, value model, GAE."),
     "online-dpo": (OnlineDPOConfig, "alignkit.recipes.online_dpo", "Online DPO: a judge labels two samples per prompt."),
+    "bon": (BoNConfig, "alignkit.recipes.bon", "Best-of-n sampling: n samples per prompt, the reward's or judge's best kept."),
+    "rejection": (RejectionConfig, "alignkit.recipes.rejection", "Rejection-sampling fine-tuning, iterated: mode=raft|rest_em|best_ever."),
+    "self-rewarding": (SelfRewardConfig, "alignkit.recipes.self_rewarding", "Self-rewarding: the policy scores its own samples 0-5, best vs worst -> DPO."),
     "eval": (EvalConfig, "alignkit.recipes.evaluate", "Evaluate a model against its reference; writes report.html."),
+    "cai": (CAIConfig, "alignkit.recipes.cai", "Constitutional AI data: stage=critique (SL-CAI revisions) or stage=label (RL-CAI preference labels)."),
 }
 
 USAGE = """usage: alignkit <command> [--config FILE.yaml] [key=value ...]
@@ -49,7 +54,8 @@ def _method(name: str, argv: list[str]) -> int:
     cls, module, desc = METHODS[name]
     parser = argparse.ArgumentParser(
         prog=f"alignkit {name}", description=desc, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (key=value on the command line or key: value in --config):\n" + help_text(cls),
+        epilog="config keys (key=value on the command line or key: value in --config):\n" + help_text(cls)
+        + (cls.help_epilog() if hasattr(cls, "help_epilog") else ""),
     )
     parser.add_argument("--config", help="YAML file of key: value pairs (command-line pairs override it)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

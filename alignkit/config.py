@@ -198,6 +198,9 @@ PRESET_HELP = ("Named combination of advantage, policy loss, aggregation and KL;
 class RolloutConfig(TrainConfig):
     """What online methods share: prompts in, sampled completions, reward functions."""
 
+    # False for methods that sample first and then train offline (rejection sampling, self-rewarding), whose
+    # training steps accumulate micro-batches as SFT and DPO do
+    steps_are_rollouts: typing.ClassVar[bool] = True
     prompts_per_step: int = opt(8, "Prompts drawn for each rollout (each gets num_generations completions).")
     num_generations: int = opt(8, "Completions sampled per prompt (the group size G).")
     max_new_tokens: int = opt(64, "Token limit of each completion.")
@@ -244,7 +247,7 @@ class RolloutConfig(TrainConfig):
                               "samples have no log-prob to score)")
         if not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ConfigError("need 0 < top_p <= 1 and top_k >= 0")
-        if self.grad_accum != 1:
+        if self.grad_accum != 1 and self.steps_are_rollouts:
             raise ConfigError(f"grad_accum={self.grad_accum} does not apply to online methods: each optimizer step "
                               "takes prompts_per_step / mini_batches prompt groups, in micro-batches of batch_size "
                               "groups (lower batch_size for less memory)")
@@ -383,6 +386,128 @@ class OnlineDPOConfig(RolloutConfig):
             raise ConfigError(f"beta must be positive, got {self.beta}")
 
 
+def _like(cls, name: str, default=dataclasses.MISSING, help: str | None = None):
+    """A field as ``cls`` declares it (help text, choices), with another default or help text if given."""
+    f = cls.__dataclass_fields__[name]
+    m = f.metadata
+    return opt(f.default if default is dataclasses.MISSING else default, help or m["help"], m["choices"], m["list_as"])
+
+
+@dataclass
+class BoNConfig:
+    """Best-of-n sampling (``alignkit bon``): n completions per prompt, the best by reward or judge kept."""
+
+    model: str = _like(TrainConfig, "model")
+    data: str = opt("", "Prompt rows (a `prompt` column, plus any columns the rewards read, e.g. `answer`).")
+    output_dir: str = opt("outputs/bon", "Where best.jsonl, samples.jsonl, summary.json and config.yaml are written.")
+    num_generations: int = opt(4, "n: completions sampled per prompt.")
+    rewards: str = _like(RolloutConfig, "rewards")
+    reward_weights: str = _like(RolloutConfig, "reward_weights")
+    reward_timeout: float = _like(RolloutConfig, "reward_timeout")
+    judge: str = opt("", "Pick the best with a pairwise judge instead of the rewards: llm:MODEL or an http(s):// "
+                     "endpoint (a knockout over the n samples, each duel asked in both orders).")
+    judge_model: str = _like(OnlineDPOConfig, "judge_model")
+    max_new_tokens: int = _like(RolloutConfig, "max_new_tokens")
+    temperature: float = _like(RolloutConfig, "temperature")
+    top_p: float = _like(RolloutConfig, "top_p")
+    top_k: int = _like(RolloutConfig, "top_k")
+    stop: str = _like(RolloutConfig, "stop")
+    max_prompt_length: int = opt(512, "Prompt tokens kept (the last ones) when a prompt is longer.")
+    rollout_precision: str = _like(RolloutConfig, "rollout_precision")
+    rollout_batch: int = _like(RolloutConfig, "rollout_batch")
+    rollout_fast_decode: bool = _like(RolloutConfig, "rollout_fast_decode")
+    overlong_buffer: int = _like(RolloutConfig, "overlong_buffer")
+    language: str = _like(RolloutConfig, "language")
+    seed: int = _like(TrainConfig, "seed")
+    skip_invalid: bool = _like(TrainConfig, "skip_invalid")
+    overwrite: bool = opt(False, "Replace the files of an earlier bon run in output_dir (without it they are refused).")
+
+    stop_strings = RolloutConfig.stop_strings
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("data= is required (prompt rows)")
+        for name in ("num_generations", "max_new_tokens", "rollout_batch", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError("best-of-n samples: need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+        if self.rollout_precision not in ("bf16", "fp32"):
+            raise ConfigError(f"rollout_precision={self.rollout_precision!r}: expected bf16 or fp32")
+        try:
+            self.stop_strings
+        except ValueError as e:
+            raise ConfigError(f"stop={self.stop!r}: not a JSON list of strings ({e})") from None
+
+
+@dataclass
+class RejectionConfig(RolloutConfig, SFTConfig):
+    """Rejection-sampling fine-tuning, iterated: sample, keep the best or the verified samples, SFT, repeat."""
+
+    mode: str = opt("raft", "raft: keep each prompt's best sample of this iteration (Dong et al. 2304.06767); "
+                    "rest_em: keep every sample the reward verifies (reward >= threshold) and fine-tune the base "
+                    "model again each iteration (Singh et al. 2312.06585); best_ever: keep each prompt's best over "
+                    "all iterations so far (Llama 2, Touvron et al. 2307.09288).", ("raft", "rest_em", "best_ever"))
+    iterations: int = opt(2, "Rounds of sample -> keep -> fine-tune; each writes output_dir/iter_K.")
+    num_generations: int = opt(4, "Completions sampled per prompt and iteration.")
+    start: str | None = opt(None, "The weights each iteration's fine-tuning starts from: the base model, or the "
+                            "previous iteration's (default: base for rest_em, previous otherwise). Samples always "
+                            "come from the previous iteration's model.", ("base", "previous", None))
+    threshold: float = opt(1.0, "rest_em: a sample is verified when its reward is at least this.")
+    max_per_prompt: int = opt(0, "rest_em: verified samples kept per prompt, distinct texts first come (0: all).")
+    accumulate: bool = opt(False, "rest_em: fine-tune on the verified samples of all iterations so far instead of "
+                           "the current iteration's (the paper's).")
+    judge: str = opt("", "raft, best_ever: pick the best with a pairwise judge (llm:MODEL, an http(s):// "
+                     "endpoint) instead of the rewards.")
+    judge_model: str = _like(OnlineDPOConfig, "judge_model")
+    batch_size: int = opt(8, "Rows per micro-batch of each iteration's fine-tuning.")
+    lr: float = _like(SFTConfig, "lr")
+    steps_are_rollouts = False
+
+    @property
+    def from_base(self) -> bool:
+        return (self.start or ("base" if self.mode == "rest_em" else "previous")) == "base"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.iterations < 1 or self.max_per_prompt < 0:
+            raise ConfigError(f"need iterations >= 1 and max_per_prompt >= 0, got {self.iterations} and "
+                              f"{self.max_per_prompt}")
+        if self.mode == "rest_em" and self.judge:
+            raise ConfigError("mode=rest_em keeps samples a reward verifies: set rewards= (e.g. correctness), not judge=")
+
+
+@dataclass
+class SelfRewardConfig(RolloutConfig, DPOConfig):
+    """Self-rewarding (Yuan et al. 2401.10020): the policy scores its own samples (0-5); best vs worst -> DPO."""
+
+    iterations: int = opt(2, "Rounds of sample -> self-judge -> DPO; each writes output_dir/iter_K.")
+    num_generations: int = opt(4, "N: responses sampled per prompt and iteration.")
+    rewards: str = opt("", "Not used to choose pairs (the policy judges); optional reward functions (e.g. "
+                       "correctness) whose means over the samples are logged per iteration.", list_as="comma")
+    judge_samples: int = opt(1, "Judgements sampled per response; their parsed scores are averaged.")
+    judge_temperature: float = opt(0.0, "Temperature of the judgements (0: greedy; > 0 with judge_samples > 1).")
+    judge_max_new_tokens: int = opt(192, "Token limit of a judgement (it reasons before 'Score: N').")
+    collapse_threshold: float = opt(0.5, "Warn when more than this share of prompts get N equal scores.")
+    batch_size: int = opt(8, "Pairs per micro-batch of each iteration's DPO.")
+    lr: float = _like(DPOConfig, "lr")
+    steps_are_rollouts = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss == "kto":
+            raise ConfigError("self-rewarding trains on (best, worst) pairs: choose a paired loss, not kto")
+        if self.num_generations < 2:
+            raise ConfigError("self-rewarding pairs the best and worst of N samples: num_generations must be >= 2")
+        if self.iterations < 1 or self.judge_samples < 1 or self.judge_max_new_tokens < 1:
+            raise ConfigError("need iterations, judge_samples and judge_max_new_tokens >= 1")
+        if self.judge_temperature < 0 or not 0 <= self.collapse_threshold <= 1:
+            raise ConfigError("need judge_temperature >= 0 and 0 <= collapse_threshold <= 1")
+        if self.judge_samples > 1 and self.judge_temperature == 0:
+            raise ConfigError("judge_samples > 1 with judge_temperature=0 asks the same greedy judgement again: "
+                              "set judge_temperature > 0")
+
+
 @dataclass
 class EvalConfig:
     """``alignkit eval``: a model against its reference on capability, win rate, safety and failure-mode probes."""
@@ -433,6 +558,67 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
+
+@dataclass
+class CAIConfig:
+    """``alignkit cai``: Constitutional AI's data stages (docs/ai_feedback.md). stage=critique: SL-CAI critique and
+    revision, writing trace.jsonl, sft.jsonl and sft_card.md; stage=label: RL-CAI / RLAIF preference labels,
+    writing label_trace.jsonl, preferences.jsonl and preferences_card.md. Both resume from their trace."""
+
+    stage: str = opt("critique", "critique: sample, critique and revise (SL-CAI); label: judge pairs of samples (RL-CAI).", ("critique", "label"))
+    model: str = opt("smollm2-135m-instruct", "The policy that answers, critiques and revises (and samples the pairs to label): a model name, a directory, 'tiny', or an http(s):// OpenAI-compatible endpoint.")
+    model_name: str = opt("", "Model name sent when `model` is an endpoint.")
+    data: str = opt("", "Prompts: a file or datasets name with a `prompt` column (an `id` column, if present, names each prompt; otherwise its row number).")
+    output_dir: str = opt("outputs/cai", "Where the trace, the output set and its data card are written; rerun with the same settings to resume.")
+    constitution: str = opt("default", "Constitution YAML file ('default': alignkit's harmlessness and helpfulness one). See --help's end for the format.")
+    rounds: int = opt(1, "stage=critique: critique-and-revision rounds per prompt, each with a principle drawn uniformly at random.")
+    few_shot: int = opt(-1, "Few-shot examples of the constitution put before each critique chain (-1: all, 0: none).")
+    judge: str = opt("", "stage=label: the judge: empty (the policy model itself), llm:MODEL (a local model) or an http(s):// endpoint.")
+    judge_model: str = opt("", "Model name sent to an endpoint judge.")
+    judge_samples: int = opt(8, "An endpoint judge without log-probs: sampled answers per question; the label is the share of (A) among the readable ones.")
+    principles_per_pair: int = opt(1, "stage=label: principles drawn (without replacement) per pair; their labels are averaged.")
+    chain_of_thought: bool = opt(False, "stage=label: the judge reasons before answering; probabilities clamped to [0.4, 0.6].")
+    tie_margin: float = opt(0.0, "stage=label: a pair whose label p has |p - 0.5| <= this is a tie: counted and dropped.")
+    max_new_tokens: int = opt(128, "Token limit of every generated answer, critique, revision and judge reasoning.")
+    temperature: float = opt(1.0, "Sampling temperature of the policy (0: greedy; pairs to label need > 0).")
+    top_p: float = opt(1.0, "Nucleus sampling of the policy.")
+    stop: str = opt("", "Extra stop string, or a JSON list of them, added to the constitution's.", list_as="json")
+    limit: int = opt(0, "Use only the first N prompts (0: all).")
+    batch_size: int = opt(16, "Prompts generated at once; records are written after each batch.")
+    precision: str = opt("bf16", "Local generation precision.", ("bf16", "fp32"))
+    seed: int = opt(0, "Seed of every sample and principle draw (each derived from the seed and the prompt id).")
+    overwrite: bool = opt(False, "Remove this stage's earlier files from output_dir first, instead of resuming.")
+
+    stop_strings = RolloutConfig.stop_strings
+
+    @staticmethod
+    def help_epilog() -> str:
+        """The constitution format, printed at the end of ``alignkit cai --help``."""
+        from alignkit.feedback import constitution
+
+        doc = constitution.__doc__ or ""
+        return "\nthe constitution file:\n" + "\n".join("  " + line for line in doc.strip().splitlines())
+
+    def validate(self) -> None:
+        check_choices(self)
+        if not self.data:
+            raise ConfigError("data= is required (a file of prompts)")
+        for name in ("rounds", "max_new_tokens", "batch_size", "principles_per_pair", "judge_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"need limit >= 0, temperature >= 0 and 0 < top_p <= 1, got {self.limit}, "
+                              f"{self.temperature}, {self.top_p}")
+        if not 0 <= self.tie_margin < 0.5:
+            raise ConfigError(f"tie_margin must be in [0, 0.5), got {self.tie_margin}")
+        if self.stage == "label" and self.temperature == 0:
+            raise ConfigError("stage=label with temperature=0: both samples of a prompt would be the same answer")
+        if self.model.startswith(("http://", "https://")) and not self.model_name:
+            raise ConfigError(f"model={self.model}: an endpoint needs model_name (the model name to send)")
+        if self.judge.startswith(("http://", "https://")) and not self.judge_model:
+            raise ConfigError(f"judge={self.judge}: an endpoint judge needs judge_model (the model name to send)")
+        if self.judge and not self.judge.startswith(("http://", "https://", "llm:")):
+            raise ConfigError(f"judge={self.judge!r}: expected empty, llm:MODEL or an http(s):// endpoint")
 
 # ---------------------------------------------------------------- parsing
 

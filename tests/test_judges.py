@@ -1,8 +1,8 @@
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from _fake_http import reply_json, serving
 import torch
 
 from alignkit.errors import ConfigError
@@ -138,12 +138,7 @@ class _FakeChat(BaseHTTPRequestHandler):
         a = q.split("[Answer A]\n")[1].split("\n\n[Answer B]")[0]
         b = q.split("[Answer B]\n")[1].split("\n\nWhich answer")[0]
         reply = "I cannot decide." if a == b else ("A" if len(a) < len(b) else "The better answer is B.")
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply_json(self, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
 
     def log_message(self, *args):
         pass
@@ -152,12 +147,8 @@ class _FakeChat(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_server():
     _FakeChat.seen, _FakeChat.failed_once = [], False
-    server = HTTPServer(("127.0.0.1", 0), _FakeChat)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_FakeChat) as url:
+        yield url
 
 
 def test_llm_judge_http_endpoint(fake_server, monkeypatch):

@@ -299,16 +299,7 @@ class LLMJudge:
     # --------------------------------------------------------------------------------------- local model
 
     def _letter_ids(self, letter: str) -> list[int]:
-        ids = []
-        variants = [letter] if self.answer_prefix.endswith((" ", "\n")) else [letter, " " + letter]
-        for k, v in enumerate(variants):
-            toks = self.tokenizer(v, add_special_tokens=False)["input_ids"]
-            # the bare letter: its first token; a variant: only if it is one token of its own
-            if toks and (k == 0 or len(toks) == 1) and toks[0] not in ids:
-                ids.append(toks[0])
-        if not ids:
-            raise ConfigError(f"the judge tokenizer cannot encode {letter!r}")
-        return ids
+        return letter_token_ids(self.tokenizer, letter, self.answer_prefix)
 
     def _render(self, question: str) -> list[int]:
         from alignkit.data.tokenize import prompt_ids
@@ -323,70 +314,21 @@ class LLMJudge:
 
     @torch.no_grad()
     def _local_scores(self, questions: list[str]) -> list[float]:
-        model = self.model
-        was_training = model.training
-        model.eval()
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out: list[float] = []
-        try:
-            for start in range(0, len(questions), self.batch_size):
-                seqs = [self._render(q) for q in questions[start : start + self.batch_size]]
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for i, s in enumerate(seqs):  # left padding: every question ends at the last column
-                    ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-                    mask[i, width - len(s) :] = 1
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                               position_ids=pos.to(self.device)).logits[:, -1, :].float()
-                logp = torch.log_softmax(logits, dim=-1)
-                lp_a = torch.logsumexp(logp[:, self.letter_ids["A"]], dim=-1)
-                lp_b = torch.logsumexp(logp[:, self.letter_ids["B"]], dim=-1)
-                out.extend(torch.sigmoid(lp_a - lp_b).cpu().tolist())
-        finally:
-            model.train(was_training)
-        return out
+        seqs = [self._render(q) for q in questions]
+        lp = letter_logprobs(self.model, self.tokenizer, seqs, [self.letter_ids["A"], self.letter_ids["B"]],
+                             batch_size=self.batch_size, device=self.device)
+        return torch.sigmoid(lp[:, 0] - lp[:, 1]).tolist()
 
     # ------------------------------------------------------------------------------------------ endpoint
 
     def _request(self, question: str) -> str:
-        body = json.dumps({
+        payload = post_chat(self.url, {
             "model": self.model_name,
             "messages": [{"role": "user", "content": question}],
             "temperature": 0,
             "max_tokens": self.max_tokens,
-        }).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    payload = json.loads(resp.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                last = e
-                if e.code == 429 or e.code >= 500:
-                    continue
-                detail = e.read()[:300].decode("utf-8", "replace")
-                raise JudgeError(f"judge endpoint {self.url} answered HTTP {e.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = e
-                continue
-            except ValueError as e:
-                raise JudgeError(f"judge endpoint {self.url} did not return JSON: {e}") from None
-            try:
-                return str(payload["choices"][0]["message"]["content"] or "")
-            except (KeyError, IndexError, TypeError):
-                raise JudgeError(f"judge endpoint {self.url} returned no choices[0].message.content: "
-                                 f"{str(payload)[:300]}") from None
-        raise JudgeError(f"judge endpoint {self.url} failed after {self.retries + 1} attempt(s): "
-                         f"{type(last).__name__}: {last}")
+        }, api_key_env=self.api_key_env, timeout=self.timeout, retries=self.retries, backoff=self.backoff)
+        return reply_text(self.url, payload)
 
     def _endpoint_scores(self, questions: list[str]) -> list[float]:
         if self.workers == 1 or len(questions) == 1:
@@ -405,6 +347,49 @@ class LLMJudge:
         return out
 
 
+def post_chat(url: str, body: dict, *, api_key_env: str | None = "OPENAI_API_KEY", timeout: float = 60.0,
+              retries: int = 3, backoff: float = 1.0) -> dict:
+    """POST ``body`` as JSON to an OpenAI-compatible ``url`` and return the decoded answer.
+
+    The API key, if any, is read from ``api_key_env`` at each request (never stored). Connection errors,
+    timeouts, 429 and 5xx answers are retried ``retries`` times with exponential backoff (``backoff`` seconds,
+    doubled each time); other HTTP errors fail at once. Failure raises :class:`JudgeError` naming the URL."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(api_key_env) if api_key_env else None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            last = e
+            if e.code == 429 or e.code >= 500:
+                continue
+            detail = e.read()[:300].decode("utf-8", "replace")
+            raise JudgeError(f"judge endpoint {url} answered HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            last = e
+            continue
+        except ValueError as e:
+            raise JudgeError(f"judge endpoint {url} did not return JSON: {e}") from None
+    raise JudgeError(f"judge endpoint {url} failed after {retries + 1} attempt(s): {type(last).__name__}: {last}")
+
+
+def reply_text(url: str, payload: dict, index: int = 0) -> str:
+    """``choices[index].message.content`` of a chat-completions answer (:class:`JudgeError` if absent)."""
+    try:
+        return str(payload["choices"][index]["message"]["content"] or "")
+    except (KeyError, IndexError, TypeError):
+        raise JudgeError(f"judge endpoint {url} returned no choices[{index}].message.content: "
+                         f"{str(payload)[:300]}") from None
+
+
 def _chat_url(url: str) -> str:
     url = url.rstrip("/")
     if url.endswith("/chat/completions"):
@@ -412,6 +397,51 @@ def _chat_url(url: str) -> str:
     if url.endswith("/v1"):
         return url + "/chat/completions"
     return url + "/v1/chat/completions"
+
+
+def letter_token_ids(tokenizer, letter: str, prefix: str = "") -> list[int]:
+    """The token ids that spell ``letter`` right after ``prefix``: the first token of the bare letter, plus the
+    ``" " + letter`` token when ``prefix`` does not end in white space and the tokenizer has it as one token."""
+    ids: list[int] = []
+    variants = [letter] if prefix.endswith((" ", "\n")) else [letter, " " + letter]
+    for k, v in enumerate(variants):
+        toks = tokenizer(v, add_special_tokens=False)["input_ids"]
+        # the bare letter: its first token; a variant: only if it is one token of its own
+        if toks and (k == 0 or len(toks) == 1) and toks[0] not in ids:
+            ids.append(toks[0])
+    if not ids:
+        raise ConfigError(f"the judge tokenizer cannot encode {letter!r}")
+    return ids
+
+
+@torch.no_grad()
+def letter_logprobs(model, tokenizer, seqs: list[list[int]], letters: list[list[int]], *, batch_size: int = 8,
+                    device: str | torch.device | None = None) -> torch.Tensor:
+    """``[len(seqs), len(letters)]``: for each token sequence, the next-token log-probability of each option,
+    an option's being the log-sum-exp over its token ids (``letter_token_ids``). One forward pass per batch of
+    ``batch_size`` left-padded sequences, no sampling; the model's train/eval state is restored."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(seqs), max(1, batch_size)):
+            chunk = seqs[start : start + max(1, batch_size)]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, s in enumerate(chunk):  # left padding: every sequence ends at the last column
+                ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+                mask[i, width - len(s) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=pos.to(device)).logits[:, -1, :].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            out.append(torch.stack([torch.logsumexp(logp[:, t], dim=-1) for t in letters], dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, len(letters)))
 
 
 # ------------------------------------------------------------------------------------------------- specs
