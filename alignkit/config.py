@@ -565,7 +565,7 @@ class CAIConfig:
     revision, writing trace.jsonl, sft.jsonl and sft_card.md; stage=label: RL-CAI / RLAIF preference labels,
     writing label_trace.jsonl, preferences.jsonl and preferences_card.md. Both resume from their trace."""
 
-    stage: str = opt("critique", "critique: sample, critique and revise (SL-CAI); label: judge pairs of samples (RL-CAI).", ("critique", "label"))
+    stage: str = opt("critique", "critique: sample, critique and revise (SL-CAI); label: judge pairs of samples (RL-CAI); align: measure the judge's agreement with a labelled set (labeler alignment) only.", ("critique", "label", "align"))
     model: str = opt("smollm2-135m-instruct", "The policy that answers, critiques and revises (and samples the pairs to label): a model name, a directory, 'tiny', or an http(s):// OpenAI-compatible endpoint.")
     model_name: str = opt("", "Model name sent when `model` is an endpoint.")
     data: str = opt("", "Prompts: a file or datasets name with a `prompt` column (an `id` column, if present, names each prompt; otherwise its row number).")
@@ -579,6 +579,11 @@ class CAIConfig:
     principles_per_pair: int = opt(1, "stage=label: principles drawn (without replacement) per pair; their labels are averaged.")
     chain_of_thought: bool = opt(False, "stage=label: the judge reasons before answering; probabilities clamped to [0.4, 0.6].")
     tie_margin: float = opt(0.0, "stage=label: a pair whose label p has |p - 0.5| <= this is a tie: counted and dropped.")
+    alignment_set: str = opt("", "stage=align, label: the labelled pairs the judge's labels are checked against: refusal (PyRIT's human labels), asdiv-prefs (a program oracle) or a preference file whose chosen answer is the better one; empty: not measured.")
+    alignment_principles: str = opt("", "The principle ids asked about the labelled pairs (default: all of the constitution's).", list_as="comma")
+    alignment_limit: int = opt(0, "Use only the first N labelled pairs (0: all).")
+    min_alignment: float = opt(0.0, "stage=label: stop before labelling (exit 2) when the judge's measured alignment is below this (0: no gate); the report is written beside the labels and rm/dpo check it too.")
+    force: bool = opt(False, "stage=label: label even when the judge's alignment is below min_alignment (training on those labels then needs force=true as well).")
     max_new_tokens: int = opt(128, "Token limit of every generated answer, critique, revision and judge reasoning.")
     temperature: float = opt(1.0, "Sampling temperature of the policy (0: greedy; pairs to label need > 0).")
     top_p: float = opt(1.0, "Nucleus sampling of the policy.")
@@ -601,7 +606,7 @@ class CAIConfig:
 
     def validate(self) -> None:
         check_choices(self)
-        if not self.data:
+        if not self.data and self.stage != "align":
             raise ConfigError("data= is required (a file of prompts)")
         for name in ("rounds", "max_new_tokens", "batch_size", "principles_per_pair", "judge_samples"):
             if getattr(self, name) < 1:
@@ -611,6 +616,12 @@ class CAIConfig:
                               f"{self.temperature}, {self.top_p}")
         if not 0 <= self.tie_margin < 0.5:
             raise ConfigError(f"tie_margin must be in [0, 0.5), got {self.tie_margin}")
+        if not 0 <= self.min_alignment <= 1 or self.alignment_limit < 0:
+            raise ConfigError(f"need 0 <= min_alignment <= 1 and alignment_limit >= 0, got {self.min_alignment} and "
+                              f"{self.alignment_limit}")
+        if (self.stage == "align" or self.min_alignment > 0) and not self.alignment_set:
+            raise ConfigError("measuring the judge's alignment (stage=align, min_alignment > 0) needs alignment_set= "
+                              "(refusal, asdiv-prefs or a preference file)")
         if self.stage == "label" and self.temperature == 0:
             raise ConfigError("stage=label with temperature=0: both samples of a prompt would be the same answer")
         if self.model.startswith(("http://", "https://")) and not self.model_name:

@@ -444,6 +444,15 @@ MUTATIONS: list[Mutation] = [
              "                raise RuntimeError(f\"learner {rank} failed\") from None",
              ("tests/test_ray_launch.py",), "a learner's bad-input error exits 1 without naming the file and line",
              k="learner_error"),
+    Mutation("labeler_gate_open", "alignkit/recipes/cai.py",
+             '            if not gate["passed"]:', "            if False:",
+             ("tests/test_cai.py",), "labels from a judge below min_alignment are written without force=true",
+             k="below_min_alignment"),
+    Mutation("labeler_alignment_one_order", "alignkit/feedback/alignment.py",
+             '"both_orders": pair_label([per[first]["ab"]], [per[first]["ba"]], clamp=chain_of_thought)["p"],',
+             '"both_orders": per[first]["ab"],',
+             ("tests/test_cai.py",), "the both-orders alignment keeps the judge's position bias",
+             k="three_modes"),
 ]
 
 

@@ -2,8 +2,10 @@
 revision, RL-CAI labels, with a scripted fake language model, a fake OpenAI-compatible server on loopback and
 one tiny-model run through the CLI."""
 
+import dataclasses
 import json
 import math
+import random
 from collections import Counter
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -18,8 +20,9 @@ from alignkit.data.formats import load_examples
 from alignkit.errors import ConfigError, DataError
 from alignkit.feedback.cai import (
     JsonlLog, clean_reply, critique_revise, draw_principles, label_pairs, option_probability, preference_rows,
-    sft_rows,
+    sft_rows, stable_seed,
 )
+from alignkit.feedback import alignment
 from alignkit.feedback.constitution import load_constitution
 from alignkit.feedback.lm import EndpointChatLM
 from alignkit.recipes import cai as cai_recipe
@@ -493,3 +496,96 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="judge_model"):
         build(CAIConfig, None, ["data=x", "judge=http://localhost:1"])
     assert cai_recipe.FILES["label"][1] == "preferences.jsonl"
+
+
+# ------------------------------------------------------------------------------------------ labeler alignment
+
+
+def _labelled(tmp_path, n=40):
+    """A preference file whose chosen answers are the better ones: ``good-i`` beats ``bad-i``."""
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"question {i}", "chosen": f"good-{i}", "rejected": f"bad-{i}"})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def biased_judge(question: str):
+    """Option log-probs for a judge that knows the better answer (+1 logit) under CMP-kind and CMP-honest, gets it
+    backwards under CMP-brief (-4), and favours whatever is shown as (A) by +2 logits. With the better answer
+    shown first P(A) = sigmoid(3) under kind/honest; shown second, sigmoid(2 - 1) = sigmoid(1)."""
+    first = question.split("(A) ")[1].split("\n")[0]
+    know = -4.0 if "CMP-brief" in question else 1.0
+    return [2.0 + (know if first.startswith("good") else -know), 0.0]
+
+
+def test_labeler_alignment_three_modes_from_hand_set_log_probs(tmp_path, constitution):
+    """measure(): from the same answers, one order (a seeded coin picks which), both orders, and the principle
+    ensemble. Derivation with biased_judge, principle kind: better first P(A) = s(3) = 0.9526 (right); better
+    second P(A) = s(1) = 0.7311, so the better answer's probability is 0.2689 (wrong): one order is right
+    exactly on the pairs whose coin shows the better answer first; both orders give (0.9526 + 0.2689) / 2 =
+    0.6107 > 1/2 on every pair (1.0); position bias = (0.9526 + 0.7311) / 2 - 1/2 = 0.3418; the two orders
+    never agree. Under brief: better first P(A) = s(2 - 4) = 0.1192, second s(2 + 4) = 0.9975, so both orders
+    give (0.1192 + 0.0025) / 2 = 0.0608: wrong. The ensemble of kind, honest and brief averages 0.6107, 0.6107
+    and 0.0608 = 0.4274: wrong on every pair, though two principles of three are right."""
+    pairs, how = alignment.labelled_pairs(str(_labelled(tmp_path)))
+    assert len(pairs) == 40 and "chosen beats rejected" in how
+    judge = ScriptedLM(judge_lps=biased_judge)
+    r = alignment.measure(judge, pairs, constitution, principles=["kind"], seed=3)
+    coins = [random.Random(stable_seed(3, "order", p.id)).random() < 0.5 for p in pairs]
+    assert r["one_order"]["accuracy"] == pytest.approx(sum(coins) / 40) and 0 < sum(coins) < 40
+    assert r["both_orders"]["accuracy"] == 1.0 and r["both_orders"]["n"] == 40
+    assert r["position_bias"] == pytest.approx((sig(3) + sig(1)) / 2 - 0.5) and r["orders_agree"] == 0.0
+    lo, hi = r["one_order"]["ci"]
+    assert lo < r["one_order"]["accuracy"] < hi
+    assert len(judge.questions) == 80  # one principle, two orders, per pair
+    # a judge that favours (B) instead: better first P(A) = s(-2 + 1) = 0.2689 (wrong when asked once), better
+    # second s(-2 - 1) = 0.0474; both orders (0.2689 + 0.9526) / 2 = 0.6107 (right)
+    favours_b = lambda q: [biased_judge(q)[0] - 4.0, 0.0]  # noqa: E731
+    r = alignment.measure(ScriptedLM(judge_lps=favours_b), pairs, constitution, principles=["kind"], seed=3)
+    assert r["both_orders"]["accuracy"] == 1.0 and r["one_order"]["accuracy"] == pytest.approx(1 - sum(coins) / 40)
+    assert r["position_bias"] == pytest.approx((sig(-1) + sig(-3)) / 2 - 0.5)
+    r = alignment.measure(ScriptedLM(judge_lps=biased_judge), pairs, constitution, principles=["brief"], seed=3)
+    assert r["both_orders"]["accuracy"] == 0.0
+    r = alignment.measure(ScriptedLM(judge_lps=biased_judge), pairs, constitution, k=3, seed=3)
+    assert r["ensemble"]["accuracy"] == 0.0 and r["k"] == 3
+    assert alignment.gate_mode(3) == "ensemble" and alignment.gate_mode(1) == "both_orders"
+
+
+def test_unreadable_judge_answers_are_counted_not_scored(tmp_path, constitution):
+    pairs, _ = alignment.labelled_pairs(str(_labelled(tmp_path, 4)))
+    judge = ScriptedLM(judge_lps=lambda q: None if "good-0" in q else [1.0, 0.0])
+    r = alignment.measure(judge, pairs, constitution, principles=["kind"])
+    assert r["both_orders"]["unreadable"] == 1 and r["both_orders"]["n"] == 3
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_a_judge_below_min_alignment_writes_no_labels_unless_forced(tmp_path, constitution, capsys):
+    """stage=label with min_alignment: the anti-aligned judge (principle brief) is measured first, the run stops
+    with exit 2 before any pair is labelled; with force=true it labels, and the report beside the labels says
+    it failed, which check_labels turns into a stop before training unless force."""
+    labelled = _labelled(tmp_path, 6)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(CONSTITUTION)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    two = lambda prompt, seed: f"answer-{seed % 7}"  # noqa: E731
+    cfg = build(CAIConfig, None, [f"data={prompts_file}", f"output_dir={out}", "stage=label", f"constitution={rules}",
+                                  f"alignment_set={labelled}", "alignment_principles=brief", "min_alignment=0.7"])
+    with pytest.raises(ConfigError, match="below min_alignment=0.7"):
+        cai_recipe.run(cfg, policy=ScriptedLM(pairs=two), judge=ScriptedLM(judge_lps=biased_judge))
+    assert not (out / "preferences.jsonl").exists()
+    report = json.loads((out / alignment.REPORT_FILE).read_text())
+    assert report["passed"] is False and report["accuracy"] == 0.0 and report["mode"] == "both_orders"
+    forced = dataclasses.replace(cfg, force=True)
+    summary = cai_recipe.run(forced, policy=ScriptedLM(pairs=two), judge=ScriptedLM(judge_lps=biased_judge))
+    assert "passed: False" in summary["labeler_alignment"] and (out / "preferences.jsonl").exists()
+    with pytest.raises(ConfigError, match="force=true"):
+        alignment.check_labels(str(out / "preferences.jsonl"), force=False)
+    assert alignment.check_labels(str(out / "preferences.jsonl"), force=True)["passed"] is False
+    good = dataclasses.replace(cfg, alignment_principles="kind", output_dir=str(tmp_path / "good"))
+    cai_recipe.run(good, policy=ScriptedLM(pairs=two), judge=ScriptedLM(judge_lps=biased_judge))
+    assert alignment.check_labels(str(tmp_path / "good" / "preferences.jsonl"), force=False)["passed"] is True

@@ -48,8 +48,8 @@ from alignkit.feedback.lm import ChatLM
 from alignkit.rl.rollout import SamplingParams
 
 __all__ = [
-    "COT_REQUEST", "FINAL_REQUEST", "JsonlLog", "LabelStats", "ReviseStats", "clean_reply", "critique_revise",
-    "draw_principles", "label_pairs", "option_probability", "pair_label", "stable_seed",
+    "COT_REQUEST", "FINAL_REQUEST", "JsonlLog", "LabelStats", "ReviseStats", "ask_judge", "clean_reply", "comparison",
+    "critique_revise", "draw_principles", "label_pairs", "option_probability", "pair_label", "stable_seed",
 ]
 
 COT_REQUEST = "Before choosing, think it through in a few sentences."
@@ -284,10 +284,24 @@ class LabelStats:
     parse_failures: int = 0  # questions whose options could not be read
 
 
-def _question(constitution: Constitution, prompt, question: str, first: str, second: str, cot: bool) -> list[dict]:
+def comparison(constitution: Constitution, prompt, question: str, first: str, second: str, cot: bool) -> list[dict]:
+    """The conversation that asks ``question`` about ``first`` as (A) and ``second`` as (B)."""
     text = constitution.comparison_template.format(conversation=_prompt_text(prompt), question=question,
                                                    first=first, second=second)
     return [{"role": "user", "content": text + ("\n\n" + COT_REQUEST if cot else "")}]
+
+
+def ask_judge(judge: ChatLM, questions: list[list[dict]], seeds: Sequence[int], sampling: SamplingParams,
+              chain_of_thought: bool) -> list[float | None]:
+    """P(A) for each comparison conversation (None: unreadable). With ``chain_of_thought`` the judge first writes
+    its reasoning (sampled with ``sampling`` and ``seeds``) and is then asked for its final choice."""
+    if not questions:
+        return []
+    if chain_of_thought:
+        reasons = judge.chat(questions, sampling, seeds)
+        questions = [c + [{"role": "assistant", "content": clean_reply(r, sampling.stop, preamble=False)},
+                          {"role": "user", "content": FINAL_REQUEST}] for c, r in zip(questions, reasons)]
+    return [option_probability(lp) for lp in judge.option_logprobs(questions, ("A", "B"))]
 
 
 def label_pairs(policy: ChatLM, judge: ChatLM, prompts: Sequence[tuple[str, object]], constitution: Constitution,
@@ -320,15 +334,10 @@ def label_pairs(policy: ChatLM, judge: ChatLM, prompts: Sequence[tuple[str, obje
                 continue
             for pr in draw_principles(constitution.ids, seed, pid, k, replace_=False):
                 q = constitution.principle(pr).comparison_question
-                asks.append((i, pr, "ab", _question(constitution, p, q, rec["a"], rec["b"], chain_of_thought)))
-                asks.append((i, pr, "ba", _question(constitution, p, q, rec["b"], rec["a"], chain_of_thought)))
-        convs_q = [c for *_, c in asks]
-        if chain_of_thought and asks:
-            seeds = [stable_seed(seed, batch[i][0], pr, order, "reasoning") for i, pr, order, _ in asks]
-            reasons = judge.chat(convs_q, judge_sampling, seeds)
-            convs_q = [c + [{"role": "assistant", "content": clean_reply(r, stops, preamble=False)},
-                            {"role": "user", "content": FINAL_REQUEST}] for c, r in zip(convs_q, reasons)]
-        probs = [option_probability(lp) for lp in judge.option_logprobs(convs_q, ("A", "B"))] if asks else []
+                asks.append((i, pr, "ab", comparison(constitution, p, q, rec["a"], rec["b"], chain_of_thought)))
+                asks.append((i, pr, "ba", comparison(constitution, p, q, rec["b"], rec["a"], chain_of_thought)))
+        seeds = [stable_seed(seed, batch[i][0], pr, order, "reasoning") for i, pr, order, _ in asks]
+        probs = ask_judge(judge, [c for *_, c in asks], seeds, judge_sampling, chain_of_thought)
         stats.questions += len(asks)
         stats.parse_failures += sum(p is None for p in probs)
         got: dict[int, dict[str, dict[str, float | None]]] = {}

@@ -22,6 +22,7 @@ import yaml
 from alignkit.config import CAIConfig, to_dict
 from alignkit.data.formats import load_examples
 from alignkit.errors import ConfigError
+from alignkit.feedback import alignment
 from alignkit.feedback.cai import JsonlLog, critique_revise, label_pairs, preference_rows, sft_rows
 from alignkit.feedback.constitution import Constitution, load_constitution
 from alignkit.feedback.lm import ChatLM, EndpointChatLM, LocalChatLM
@@ -34,7 +35,8 @@ FILES = {
     "critique": ("trace.jsonl", "sft.jsonl", "sft_card.md", "critique_config.yaml"),
     "label": ("label_trace.jsonl", "preferences.jsonl", "preferences_card.md", "label_config.yaml"),
 }
-RESUMABLE_CHANGES = {"limit", "batch_size", "overwrite", "output_dir"}  # settings that do not change a record
+RESUMABLE_CHANGES = {"limit", "batch_size", "overwrite", "output_dir", "alignment_set", "alignment_principles",
+                     "alignment_limit", "min_alignment", "force"}  # settings that do not change a record
 
 
 def load_prompts(cfg: CAIConfig) -> list[tuple[str, object]]:
@@ -97,16 +99,66 @@ def _progress(cfg: CAIConfig, total: int, done: int):
     return bar, bar.update
 
 
+ALIGNMENT_KEYS = ("alignment_set", "alignment_principles", "alignment_limit", "principles_per_pair", "chain_of_thought",
+                  "judge", "judge_model", "constitution", "seed", "max_new_tokens", "temperature", "top_p")
+"""The settings a labeler-alignment report depends on: a report made with the same ones is reused."""
+
+
+def labeler_alignment(cfg: CAIConfig, constitution: Constitution, judge: ChatLM, sampling: SamplingParams) -> dict:
+    """Measure (or reuse the report in output_dir made with the same settings) the judge's alignment with
+    ``cfg.alignment_set``, write ``labeler_alignment.json`` and say whether it passes ``min_alignment``."""
+    path = Path(cfg.output_dir) / alignment.REPORT_FILE
+    settings = {k: getattr(cfg, k) for k in ALIGNMENT_KEYS}
+    old = json.loads(path.read_text()) if path.is_file() and not cfg.overwrite else {}
+    if old.get("settings") == settings:
+        result = old["result"]
+        log.info("labeler alignment: reusing %s", path)
+    else:
+        pairs, how = alignment.labelled_pairs(cfg.alignment_set, limit=cfg.alignment_limit)
+        log.info("labeler alignment: %d labelled pairs (%s)", len(pairs), how)
+        result = alignment.measure(judge, pairs, constitution, principles=cfg.alignment_principles.split(",")
+                                   if cfg.alignment_principles else None, k=cfg.principles_per_pair, seed=cfg.seed,
+                                   chain_of_thought=cfg.chain_of_thought, sampling=sampling)
+        result["labels"] = how
+    mode = alignment.gate_mode(cfg.principles_per_pair)
+    accuracy = result[mode]["accuracy"]
+    report = {"set": cfg.alignment_set, "mode": mode, "accuracy": accuracy, "min_alignment": cfg.min_alignment,
+              "passed": accuracy is not None and accuracy >= cfg.min_alignment, "forced": cfg.force,
+              "settings": settings, "result": result}
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    log.info("labeler alignment on %s (%s): %s", cfg.alignment_set, mode,
+             ", ".join(f"{m} {result[m]['accuracy']}" for m in alignment.MODES))
+    return report
+
+
 def run(cfg: CAIConfig, *, policy: ChatLM | None = None, judge: ChatLM | None = None) -> dict:
     """Run one stage. ``policy``/``judge``: language models to use instead of loading ``cfg.model``/``cfg.judge``
     (tests pass scripted fakes here)."""
     setup_logging()
     constitution = load_constitution(cfg.constitution)  # both checked before any model loads
+    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                              stop=cfg.stop_strings)
+    if cfg.stage == "align":
+        if judge is None:
+            judge = policy or build_lm(cfg.judge.removeprefix("llm:") or cfg.model, cfg.judge_model or cfg.model_name, cfg)
+        return {"stage": "align", **labeler_alignment(cfg, constitution, judge, sampling)}
     prompts = load_prompts(cfg)
     paths = open_output(cfg)
     policy = policy or build_lm(cfg.model, cfg.model_name, cfg)
-    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                              stop=cfg.stop_strings)
+    gate = None
+    if cfg.stage == "label":
+        if judge is None:
+            judge = policy if not cfg.judge else build_lm(cfg.judge.removeprefix("llm:"), cfg.judge_model, cfg)
+        if cfg.alignment_set:
+            gate = labeler_alignment(cfg, constitution, judge, sampling)
+            if not gate["passed"]:
+                if not cfg.force:
+                    raise ConfigError(f"the judge's labeler alignment on {cfg.alignment_set} is {gate['accuracy']} "
+                                      f"({gate['mode']}), below min_alignment={cfg.min_alignment}: no labels written "
+                                      "(use a better judge, or force=true to label anyway)")
+                log.warning("labeler alignment %s is below min_alignment=%s: labelling anyway (force=true)",
+                            gate["accuracy"], cfg.min_alignment)
     trace = JsonlLog(paths["trace"])
     bar, tick = _progress(cfg, len(prompts), 0)
     started = time.time()
@@ -115,8 +167,6 @@ def run(cfg: CAIConfig, *, policy: ChatLM | None = None, judge: ChatLM | None = 
             stats = critique_revise(policy, prompts, constitution, trace, rounds=cfg.rounds, sampling=sampling,
                                     seed=cfg.seed, few_shot=cfg.few_shot, batch_size=cfg.batch_size, on_batch=tick)
         else:
-            if judge is None:
-                judge = policy if not cfg.judge else build_lm(cfg.judge.removeprefix("llm:"), cfg.judge_model, cfg)
             stats = label_pairs(policy, judge, prompts, constitution, trace, sampling=sampling, seed=cfg.seed,
                                 principles_per_pair=cfg.principles_per_pair, chain_of_thought=cfg.chain_of_thought,
                                 tie_margin=cfg.tie_margin, batch_size=cfg.batch_size, on_batch=tick)
@@ -139,6 +189,8 @@ def run(cfg: CAIConfig, *, policy: ChatLM | None = None, judge: ChatLM | None = 
                   "questions_now": stats.questions, "unreadable_questions_now": stats.parse_failures,
                   "orders_agreed": sum(all(r["agreed"]) for r in rows),
                   "mean_soft_label": sum(r["soft_label"] for r in rows) / len(rows) if rows else None}
+        if gate is not None:
+            counts["labeler_alignment"] = f"{gate['accuracy']} ({gate['mode']} on {gate['set']}; passed: {gate['passed']})"
         kind = "preference"
     write_jsonl(paths["data"], rows)
     if rows:
