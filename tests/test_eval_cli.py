@@ -48,6 +48,10 @@ def test_eval_writes_a_report_with_known_answers(tmp_path):
     assert summary["probes"]["kl_to_reference"]["mean"] == pytest.approx(0.0, abs=1e-6)
     assert summary["safety"]["detector"]["n"] == 4
     assert set(summary["safety"]["refusal_harmful"]["model"]) == {"a", "b"}
+    safety = summary["safety"]  # the same model twice: equal rates, zero-width paired intervals
+    assert safety["refusal_harmful_diff_ci"] == [0.0, 0.0] and safety["over_refusal_diff_ci"] == [0.0, 0.0]
+    lo, hi = safety["over_refusal_ci"]["model"]
+    assert lo <= safety["over_refusal"]["model"] <= hi and set(safety["refusal_harmful_ci"]["model"]) == {"a", "b", "all"}
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<script>" not in html
 

@@ -202,18 +202,34 @@ def safety(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list)
     if cfg.benign_limit > 0:
         benign = benign[: cfg.benign_limit]
     labelled = None if cfg.refusal_data == "refusal" else read_labelled(cfg.refusal_data)
-    result: dict = {"refusal_harmful": {}, "over_refusal": {}, "detector": validate_on_labelled(detector, labelled)}
+    from alignkit.eval.metrics import bootstrap_ci, bootstrap_ci_paired
+
+    result: dict = {"refusal_harmful": {}, "over_refusal": {}, "detector": validate_on_labelled(detector, labelled),
+                    "refusal_harmful_ci": {}, "over_refusal_ci": {}}
+    refused: dict[str, tuple[list[float], list[float]]] = {}  # player -> (harmful, benign) refusals, 0/1
+    ci = lambda xs: list(bootstrap_ci(xs, n_boot=cfg.bootstrap, seed=cfg.seed))  # noqa: E731
     for p in players:
         texts = [c[0].text for c in p.answer([h[1] for h in harmful], cfg)]
         rates: dict[str, list] = {}
         for (set_name, _), t in zip(harmful, texts):
-            rates.setdefault(set_name, []).append(detector.is_refusal(t))
+            rates.setdefault(set_name, []).append(float(detector.is_refusal(t)))
         result["refusal_harmful"][p.name] = {k: float(np.mean(v)) for k, v in rates.items()}
         b_texts = [c[0].text for c in p.answer([r["prompt"] for r in benign], cfg)]
-        result["over_refusal"][p.name] = float(np.mean([detector.is_refusal(t) for t in b_texts]))
+        b_refused = [float(detector.is_refusal(t)) for t in b_texts]
+        result["over_refusal"][p.name] = float(np.mean(b_refused))
+        # 95% bootstrap intervals over prompts: per harmful set, all harmful prompts pooled, the benign set
+        pooled = [x for v in rates.values() for x in v]
+        result["refusal_harmful_ci"][p.name] = {**{k: ci(v) for k, v in rates.items()}, "all": ci(pooled)}
+        result["refusal_harmful_all"] = {**result.get("refusal_harmful_all", {}), p.name: float(np.mean(pooled))}
+        result["over_refusal_ci"][p.name] = ci(b_refused)
+        refused[p.name] = (pooled, b_refused)
         if p.name == "model":
             samples += [{"prompt": h[1], "model": t, "reference": "", "set": f"harmful ({h[0]})"}
                         for h, t in list(zip(harmful, texts))[:2]]
+    if len(players) == 2:  # model minus reference on the same prompts
+        for i, key in enumerate(("refusal_harmful_diff_ci", "over_refusal_diff_ci")):
+            result[key] = list(bootstrap_ci_paired(refused["reference"][i], refused["model"][i], n_boot=cfg.bootstrap,
+                                                   seed=cfg.seed))
     result["n_harmful"], result["n_benign"] = len(harmful), len(benign)
     return result
 
