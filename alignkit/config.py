@@ -133,6 +133,11 @@ class DPOConfig(TrainConfig):
     loss: str = opt("dpo", "Preference loss.", ("dpo", "cdpo", "robust", "hinge", "ipo", "kto", "orpo", "simpo"))
     beta: float = opt(0.1, "Inverse temperature beta (DPO family, SimPO, KTO); implicit reward = beta * log-ratio.")
     label_smoothing: float = opt(0.0, "Label-flip rate eps for cdpo and robust (0 <= eps < 0.5).")
+    soft_labels: str = opt("use", "Rows with a `soft_label` s (the judge's probability that chosen is better): use: "
+                           "loss=dpo trains as cdpo with a per-pair eps_i = 1 - s_i, fitting sigma(beta Delta_i) = s_i; "
+                           "loss=cdpo takes eps_i = 1 - s_i in place of label_smoothing (which must be left at 0); "
+                           "any other loss stops with exit 2; a row without one is a hard label (s = 1). ignore: "
+                           "train on the hard labels, as if the column were absent.", ("use", "ignore"))
     gamma: float = opt(0.5, "SimPO target margin gamma.")
     orpo_lambda: float = opt(0.1, "ORPO weight lambda of the odds-ratio term.")
     ipo_average: bool = opt(False, "IPO on average instead of summed log-probs (sum is the paper's).")
@@ -157,6 +162,11 @@ class RMConfig(TrainConfig):
     aspects: str = opt("reward", "Comma-separated aspect names, one linear head each (e.g. helpfulness,safety).", list_as="comma")
     aspect_weights: str = opt("", "Comma-separated weights combining the aspects into one reward (default: all 1).", list_as="comma")
     center_coef: float = opt(0.0, "Weight c of the centering term c * (r_w + r_l)^2 that keeps rewards near 0.")
+    soft_labels: str = opt("use", "Rows with a `soft_label` s (the judge's probability that chosen is better): use: "
+                           "Bradley-Terry against the soft target, loss -(s log sigma(d) + (1 - s) log sigma(-d)) with "
+                           "d = r_w - r_l - margin, so a pair's reward gap is fitted to sigma(d) = s; a row without one "
+                           "is a hard label (s = 1). ignore: train on the hard labels, as if the column were absent.",
+                           ("use", "ignore"))
     process: bool = opt(False, "Process reward model: stepwise data (prompt/steps/labels), BCE at each step's last token.")
     step_separator: str = opt("\n", "Text joining a process reward model's steps.")
     aggregate: str = opt("min", "How a process reward model combines step scores into one.", ("min", "prod"))

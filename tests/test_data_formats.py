@@ -17,6 +17,7 @@ from alignkit.data.formats import (
     describe,
     load_examples,
     read_rows,
+    soft_label,
 )
 from alignkit.errors import DataError
 
@@ -66,6 +67,25 @@ def test_preference_explicit_with_margin(tmp_path):
     path = write_jsonl(tmp_path, [{"prompt": "p", "chosen": "good", "rejected": "bad", "margin": 2, "src": "a"}])
     [pair] = load_examples(path, "preference").examples
     assert pair == PreferenceExample("p", "good", "bad", 2.0, 0, Origin(path, 1, 0), {"src": "a"})
+
+
+def test_preference_soft_label(tmp_path):
+    """The judge's probability that chosen is better, on explicit and implicit pairs; absent or null is None (a
+    hard label). Read for KTO, a pair's soft label stays in both examples' extra."""
+    path = write_jsonl(tmp_path, [
+        {"prompt": "p", "chosen": "good", "rejected": "bad", "soft_label": 0.75, "margin": 1},
+        {"chosen": "Q: 4", "rejected": "Q: 5", "soft_label": 1},
+        {"prompt": "p", "chosen": "good", "rejected": "bad", "soft_label": None},
+        {"prompt": "p", "chosen": "good", "rejected": "bad"},
+        {"prompt": "p", "chosen": "good", "rejected": "bad", "soft_label": 0},
+    ])
+    pairs = load_examples(path, "preference").examples
+    assert pairs[0] == PreferenceExample("p", "good", "bad", 1.0, 0, Origin(path, 1, 0), {}, 0.75)
+    assert [p.soft_label for p in pairs] == [0.75, 1.0, None, None, 0.0]
+    assert [soft_label(p) for p in pairs] == [0.75, 1.0, None, None, 0.0]
+    unpaired = load_examples(path, "unpaired").examples
+    assert [soft_label(ex) for ex in unpaired] == [0.75, 0.75, 1.0, 1.0, None, None, None, None, 0.0, 0.0]
+    assert unpaired[0].extra == {"soft_label": 0.75} and unpaired[4].extra == {}
 
 
 def test_implicit_prompt_for_strings_leaves_the_space_with_the_responses(tmp_path):
@@ -168,6 +188,8 @@ def test_csv_label_and_margin_cells(tmp_path):
     path = tmp_path / "pref.csv"
     path.write_text("prompt,chosen,rejected,margin\np,a,b,0.5\np,a,b,\n")
     assert [e.margin for e in load_examples(str(path), "preference").examples] == [0.5, None]
+    path.write_text("prompt,chosen,rejected,soft_label\np,a,b,0.8\np,a,b,\np,a,b,1\n")
+    assert [e.soft_label for e in load_examples(str(path), "preference").examples] == [0.8, None, 1]
 
 
 def test_parquet(tmp_path):
@@ -340,6 +362,11 @@ BAD_ROWS = [  # (kind, row on line 3, field named or None, words the message mus
     ("unpaired", {"prompt": "p", "completion": "a", "label": 2}, "label", "found integer 2"),
     ("preference", {**GOOD["preference"], "margin": "high"}, "margin", "expected a finite number"),
     ("preference", {**GOOD["preference"], "margin": True}, "margin", "found boolean"),
+    ("preference", {**GOOD["preference"], "soft_label": 1.7}, "soft_label", "probability in [0, 1]"),
+    ("preference", {**GOOD["preference"], "soft_label": -0.25}, "soft_label", "found number -0.25"),
+    ("preference", {"chosen": "Q: 4", "rejected": "Q: 5", "soft_label": "0.7"}, "soft_label", "expected a finite number"),
+    ("preference", {**GOOD["preference"], "soft_label": True}, "soft_label", "found boolean"),
+    ("unpaired", {**GOOD["preference"], "soft_label": 2}, "soft_label", "found integer 2"),
 ]
 
 

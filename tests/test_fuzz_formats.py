@@ -150,6 +150,8 @@ def valid_fields(draw, kind: str, names: tuple[str, ...]) -> dict:
             row[key] = draw(labels)
         elif key == "margin":
             row[key] = draw(st.one_of(st.none(), st.integers(-5, 5), st.floats(-10, 10)))
+        elif key == "soft_label":
+            row[key] = draw(st.one_of(st.none(), st.sampled_from([0, 1]), st.floats(0, 1)))
         elif key == "responses":
             responses = draw(st.lists(nonblank, min_size=2, max_size=4, unique=True))
             row[key] = [[{"role": "assistant", "content": r}] for r in responses] if as_chat else responses

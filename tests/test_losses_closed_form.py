@@ -116,6 +116,42 @@ def test_cdpo_stops_at_finite_margin():
     assert delta.item() == pytest.approx(math.log((1 - eps) / eps) / beta, abs=1e-5)
 
 
+@pytest.mark.parametrize("s", [0.55, 0.75, 0.9])
+def test_dpo_with_a_soft_label_fits_the_judges_probability(s):
+    """K = 2, one pair with response 0 chosen and soft label s: DPO on soft labels is cdpo with the pair's
+    eps = 1 - s on a deterministic preference (p = 1), whose optimum sigma(beta Delta) = eps + (1 - 2 eps) p
+    is s: the policy's implicit preference is the judge's probability."""
+    beta = 0.5
+    pi_ref = torch.tensor([0.3, 0.7], dtype=F64)
+    pref = torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=F64)  # only the row (0 over 1) is seen
+    eps = torch.full((2,), 1 - s, dtype=F64)  # one eps per ordered pair; the (1 over 0) row has weight 0
+    pi = train_pairs(cdpo, pref, pi_ref, beta=beta, label_smoothing=eps)
+    delta = (pi.log() - pi_ref.log()) @ torch.tensor([1.0, -1.0], dtype=F64)
+    assert torch.sigmoid(beta * delta).item() == pytest.approx(s, abs=1e-6)
+
+
+def test_dpo_on_a_judges_soft_labels_reaches_boltzmann_optimum():
+    """One row per unordered pair, chosen the response the judge prefers, with the judge's Bradley-Terry
+    probability s_ij = sigma(r_i - r_j) as its soft label. Each row's loss is the cross-entropy of
+    sigma(beta Delta_ij) against s_ij, minimised at beta Delta_ij = r_i - r_j: the same optimum as DPO on
+    the full preference distribution, pi_ref * exp(r / beta). The same rows with hard labels are not."""
+    beta = 0.5
+    win, lose = ordered_pairs(5)
+    keep = R[win] > R[lose]
+    w, lo = win[keep], lose[keep]
+    s = torch.sigmoid(R[w] - R[lo])
+    log_ref, ones = PI_REF.log(), torch.ones(len(w), dtype=F64)
+
+    def rows_loss(theta, **hp):
+        logpi = torch.log_softmax(theta, 0)
+        return cdpo(PairLogps(logpi[w], logpi[lo], ones, ones, log_ref[w], log_ref[lo]), beta=beta, **hp).losses.sum()
+
+    target = boltzmann(log_ref, R, beta)
+    assert tv(torch.softmax(lbfgs(lambda th: rows_loss(th, label_smoothing=1 - s), log_ref), 0), target) < 1e-4
+    hard = adam(lambda th: rows_loss(th), log_ref, steps=300)
+    assert tv(torch.softmax(hard, 0), target) > 0.1
+
+
 def test_hinge_reaches_unit_margins():
     """Deterministic preferences (i over j iff r_i > r_j): zero loss, every beta * Delta >= 1."""
     beta = 0.5

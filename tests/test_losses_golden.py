@@ -95,6 +95,46 @@ def test_robust_golden():
     close(out.losses, [softplus(-0.75) - 0.125 * 0.75, softplus(1.25) + 0.125 * 1.25])
 
 
+def test_cdpo_per_pair_smoothing_golden():
+    """A tensor label_smoothing is one eps_i per pair: eps = (0.25, 0.6), i.e. soft labels s = 1 - eps =
+    (0.75, 0.4), the second leaning towards the rejected response (allowed per pair, up to 1)."""
+    eps = t(0.25, 0.6)
+    out = cdpo(golden_batch(), beta=0.5, label_smoothing=eps)
+    close(out.losses, [0.75 * softplus(-0.75) + 0.25 * softplus(0.75), 0.4 * softplus(1.25) + 0.6 * softplus(-1.25)])
+    # cdpo = dpo + eps_i * beta * Delta_i = dpo + (0.1875, -0.75)
+    close(out.losses, [softplus(-0.75) + 0.1875, softplus(1.25) - 0.75])
+    close(out.losses, [0.5743710061, 0.7519290813], tol=1e-9)
+    # each pair as its own float eps gives the same value, and a constant tensor is the float
+    for i, e in enumerate((0.25, 0.6)):
+        one = PairLogps(**{k: v[i : i + 1] for k, v in vars(golden_batch()).items()})
+        close(cdpo(one, beta=0.5, label_smoothing=t(e)).losses, [out.losses[i].item()], tol=1e-12)
+    close(cdpo(golden_batch(), beta=0.5, label_smoothing=t(0.1, 0.1)).losses,
+          cdpo(golden_batch(), beta=0.5, label_smoothing=0.1).losses.tolist(), tol=1e-12)
+    # eps = 0 per pair is DPO, eps = 1 is DPO on the flipped pair
+    close(cdpo(golden_batch(), beta=0.5, label_smoothing=t(0.0, 1.0)).losses, [softplus(-0.75), softplus(-1.25)], tol=1e-12)
+
+
+def test_robust_per_pair_smoothing_golden():
+    # eps = (0.25, 0.4): eps / (1 - 2 eps) = (0.5, 2), robust = dpo - (0.5 * 0.75, 2 * -1.25)
+    out = robust(golden_batch(), beta=0.5, label_smoothing=t(0.25, 0.4))
+    close(out.losses, [(0.75 * softplus(-0.75) - 0.25 * softplus(0.75)) / 0.5,
+                       (0.6 * softplus(1.25) - 0.4 * softplus(-1.25)) / 0.2])
+    close(out.losses, [softplus(-0.75) - 0.375, softplus(1.25) + 2.5])
+    close(out.losses, [0.0118710061, 4.0019290813], tol=1e-9)
+
+
+@pytest.mark.parametrize("fn,eps,words", [
+    (cdpo, t(0.1, 1.5), r"\[0, 1.0\]"),
+    (cdpo, t(-0.1, 0.2), r"\[0, 1.0\]"),
+    (cdpo, t(0.1, float("nan")), r"\[0, 1.0\]"),
+    (cdpo, t(0.1, 0.2, 0.3), "shape"),
+    (robust, t(0.1, 0.5), r"\[0, 0.5\)"),
+], ids=["above-1", "negative", "nan", "shape", "robust-half"])
+def test_per_pair_smoothing_is_checked(fn, eps, words):
+    with pytest.raises(ValueError, match=words):
+        fn(golden_batch(), beta=0.5, label_smoothing=eps)
+
+
 def test_robust_is_unbiased_under_label_flips():
     """Chowdhury et al.: if the label is flipped with probability eps, the expected robust loss of
     the observed pair equals the clean DPO loss, for every Delta."""

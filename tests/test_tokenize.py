@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.data.collate import collate
+from alignkit.data.collate import collate, soft_labels
 from alignkit.data.formats import Origin, PreferenceExample, SFTExample, UnpairedExample
 from alignkit.data.tokenize import Encoded, encode, encode_all, fit, render, render_chat
 from alignkit.models.loading import tiny_tokenizer
@@ -125,7 +125,13 @@ def test_preference_rows_share_the_prompt(tok):
     enc = encode(ex, tok, 4)
     assert tok.decode(enc.prompt).endswith("<|im_start|>assistant\n")
     assert [tok.decode(r) for r in enc.responses] == ["7<|im_end|>\n", "3<|im_end|>\n"]
-    assert enc.margin == 0.5 and enc.index == 4 and enc.label is None
+    assert enc.margin == 0.5 and enc.index == 4 and enc.label is None and enc.soft_label is None
+    soft = encode(PreferenceExample([user("max(3,7)?")], [assistant("7")], [assistant("3")], None, 0, ORIGIN, {}, 0.8),
+                  tok, 5)
+    assert soft.soft_label == 0.8 and soft.margin is None
+    # collated per pair, a hard label (no soft_label) as 1.0
+    labels = soft_labels([enc, soft])
+    assert labels.dtype == torch.float32 and labels.tolist() == pytest.approx([1.0, 0.8])
 
 
 def test_unpaired_rows_keep_their_label(tok):
@@ -162,7 +168,8 @@ def row(n_prompt: int, *n_responses: int, masks: bool = False) -> Encoded:
     """Prompt ids 10, 11, ...; response k's ids 100k, 100k + 1, ..."""
     responses = [list(range(100 * (k + 1), 100 * (k + 1) + n)) for k, n in enumerate(n_responses)]
     rmasks = [[j % 2 == 0 for j in range(n)] for n in n_responses] if masks else None
-    return Encoded(list(range(10, 10 + n_prompt)), responses, index=7, response_masks=rmasks, label=True, margin=1.5)
+    return Encoded(list(range(10, 10 + n_prompt)), responses, index=7, response_masks=rmasks, label=True, margin=1.5,
+                   soft_label=0.625)
 
 
 def test_fit_keeps_rows_that_fit_unchanged():
@@ -177,7 +184,7 @@ def test_fit_truncate_keeps_the_prompt_end_and_the_response_start():
     assert out.prompt == [16, 17, 18, 19]  # the prompt's last 4
     assert out.responses == [list(range(100, 108)), list(range(200, 206))]  # first 12 - 4 = 8 of each
     assert out.truncated and out.length == 12
-    assert (out.index, out.label, out.margin) == (7, True, 1.5)
+    assert (out.index, out.label, out.margin, out.soft_label) == (7, True, 1.5, 0.625)
     assert not r.truncated and len(r.prompt) == 10  # the input is not modified
 
 

@@ -35,6 +35,12 @@ def pad(seqs: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": att, "loss_mask": loss}
 
 
+def soft_labels(rows: list[Encoded]) -> torch.Tensor:
+    """Each pair's soft label ``[B]`` (float32): the probability that its chosen response is the better one,
+    1.0 for a row without one (a hard label)."""
+    return torch.tensor([1.0 if row.soft_label is None else row.soft_label for row in rows], dtype=torch.float32)
+
+
 def collate(rows: list[Encoded], responses: tuple[int, ...], pad_id: int) -> dict[str, torch.Tensor]:
     """One padded batch holding, for each response index in ``responses`` in turn, every row's sequence.
 

@@ -9,8 +9,9 @@ Row formats use TRL's field names, so data is used unchanged. ``Text`` is a stri
 ``{"role", "content"}`` (role: system, user, assistant or tool):
 
 * SFT: ``messages`` (with at least one assistant message) | ``prompt``/``completion`` | ``text``.
-* Preference: ``prompt``/``chosen``/``rejected`` (optional numeric ``margin``) | ``chosen``/``rejected`` with an
-  implicit prompt | ranking ``prompt``/``responses``/``ranking``.
+* Preference: ``prompt``/``chosen``/``rejected`` (optional numeric ``margin``, and ``soft_label`` in [0, 1], the
+  probability that ``chosen`` is the better response, as ``alignkit cai stage=label`` writes it) |
+  ``chosen``/``rejected`` with an implicit prompt | ranking ``prompt``/``responses``/``ranking``.
 * Unpaired (KTO): ``prompt``/``completion``/``label``; preference rows are accepted too, each pair giving a
   desirable (chosen) and an undesirable (rejected) example.
 * Prompt-only (RL, evaluation): ``prompt``, with every other column kept in ``extra`` (e.g. ``answer``).
@@ -101,7 +102,8 @@ class SFTExample:
 @dataclass(frozen=True)
 class PreferenceExample:
     """A prompt with a preferred and a dispreferred response. ``group`` is shared by the pairs expanded from
-    one ranking row (and unique otherwise), so a prompt's pairs can be kept together."""
+    one ranking row (and unique otherwise), so a prompt's pairs can be kept together. ``soft_label``: the
+    probability that ``chosen`` is better (None: a hard label, probability 1)."""
 
     prompt: Text
     chosen: Text
@@ -110,6 +112,7 @@ class PreferenceExample:
     group: int
     origin: Origin
     extra: dict = field(default_factory=dict)
+    soft_label: float | None = None
 
 
 @dataclass(frozen=True)
@@ -306,8 +309,8 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 def _read_csv(path: str) -> _Rows:
     """CSV with a header (the first non-blank line); blank lines are skipped. A row is located at the line
     where it starts (a quoted cell may span lines). Empty cells are null; cells that look like JSON lists
-    (e.g. messages) are parsed; ``label`` and ``margin`` cells are read as JSON scalars (true, 0, 0.5) when
-    they parse. When a column name repeats, its last cell wins (as for a repeated key in JSON)."""
+    (e.g. messages) are parsed; ``label``, ``margin`` and ``soft_label`` cells are read as JSON scalars (true, 0,
+    0.5) when they parse. When a column name repeats, its last cell wins (as for a repeated key in JSON)."""
     if csv.field_size_limit() < _CSV_FIELD_LIMIT:
         csv.field_size_limit(_CSV_FIELD_LIMIT)
     with _reading(path), open(path, encoding="utf-8-sig", newline="") as f:
@@ -340,7 +343,7 @@ def _csv_cell(key: str, value: str | None) -> Any:
     if not value:
         return None
     stripped = value.strip()
-    typed = key in ("label", "margin")
+    typed = key in ("label", "margin", "soft_label")
     if typed or (stripped.startswith("[") and stripped.endswith("]")):
         try:
             parsed = json.loads(stripped.lower() if typed else stripped)
@@ -494,7 +497,8 @@ def _distinct(chosen: Text, rejected: Text) -> None:
         raise _RowError("rejected", "is identical to chosen; a preference pair needs two different responses")
 
 
-def _margin(value: Any) -> float | None:
+def _finite(value: Any, field: str) -> float | None:
+    """An optional finite number, such as a pair's ``margin`` (null: None)."""
     if value is None:
         return None
     try:  # float() of an integer past 1.8e308 raises OverflowError
@@ -502,7 +506,15 @@ def _margin(value: Any) -> float | None:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise _RowError("margin", f"expected a finite number, found {_found(value)}")
+        raise _RowError(field, f"expected a finite number, found {_found(value)}")
+    return number
+
+
+def _soft_label(value: Any) -> float | None:
+    """An optional probability in [0, 1] that chosen is the better response (null: None, a hard label)."""
+    number = _finite(value, "soft_label")
+    if number is not None and not 0.0 <= number <= 1.0:
+        raise _RowError("soft_label", f"expected a probability in [0, 1] that chosen is better, found {_found(value)}")
     return number
 
 
@@ -615,7 +627,7 @@ def _explicit_pair(row, origin, extra):
     rejected = _text(row["rejected"], "rejected", response=True)
     _same_form(prompt=prompt, chosen=chosen, rejected=rejected)
     _distinct(chosen, rejected)
-    return [PreferenceExample(prompt, chosen, rejected, _margin(row.get("margin")), origin.row, origin, extra)]
+    return [_pair(row, prompt, chosen, rejected, origin, extra)]
 
 
 def _implicit_pair(row, origin, extra):
@@ -624,7 +636,13 @@ def _implicit_pair(row, origin, extra):
     _distinct(chosen, rejected)
     prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
     chosen, rejected = _text(chosen, "chosen", response=True), _text(rejected, "rejected", response=True)
-    return [PreferenceExample(prompt, chosen, rejected, _margin(row.get("margin")), origin.row, origin, extra)]
+    return [_pair(row, prompt, chosen, rejected, origin, extra)]
+
+
+def _pair(row, prompt, chosen, rejected, origin, extra) -> PreferenceExample:
+    """A pair row's record, with its optional ``margin`` and ``soft_label`` columns."""
+    margin, soft_label = _finite(row.get("margin"), "margin"), _soft_label(row.get("soft_label"))
+    return PreferenceExample(prompt, chosen, rejected, margin, origin.row, origin, extra, soft_label)
 
 
 def _ranking_pairs(row, origin, extra):
@@ -667,11 +685,13 @@ def _stepwise(row, origin, extra):
 
 
 def _as_unpaired(parse_pairs):
-    """Preference rows read for KTO: each pair gives its chosen as desirable and its rejected as undesirable."""
+    """Preference rows read for KTO: each pair gives its chosen as desirable and its rejected as undesirable.
+    A pair's soft label stays in ``extra`` (KTO has no use for it, but a recipe can tell that the data had one)."""
 
     def parse(row, origin, extra):
         return [
-            UnpairedExample(pair.prompt, response, label, origin, extra)
+            UnpairedExample(pair.prompt, response, label, origin,
+                            extra if pair.soft_label is None else {**extra, "soft_label": pair.soft_label})
             for pair in parse_pairs(row, origin, extra)
             for response, label in ((pair.chosen, True), (pair.rejected, False))
         ]
@@ -679,8 +699,9 @@ def _as_unpaired(parse_pairs):
     return parse
 
 
-_EXPLICIT = _Format("prompt/chosen/rejected", ("prompt", "chosen", "rejected"), _explicit_pair, ("margin",))
-_IMPLICIT = _Format("chosen/rejected (implicit prompt)", ("chosen", "rejected"), _implicit_pair, ("margin",))
+_PAIR_OPTIONAL = ("margin", "soft_label")
+_EXPLICIT = _Format("prompt/chosen/rejected", ("prompt", "chosen", "rejected"), _explicit_pair, _PAIR_OPTIONAL)
+_IMPLICIT = _Format("chosen/rejected (implicit prompt)", ("chosen", "rejected"), _implicit_pair, _PAIR_OPTIONAL)
 
 # Tried in order; the first whose keys are all present wins (e.g. ultrachat rows have both prompt and messages).
 _FORMATS: dict[str, tuple[_Format, ...]] = {
@@ -751,6 +772,14 @@ def load_examples(source: str, kind: str, *, skip_invalid: bool = False) -> Load
     if not loaded.examples:
         raise DataError(f"all {loaded.n_rows} rows are invalid; the first: {loaded.skipped[0]}", path=source)
     return loaded
+
+
+def soft_label(example) -> float | None:
+    """A record's soft label: a pair's ``soft_label``, or the one a KTO example keeps in ``extra`` from the pair
+    it came from (None: none)."""
+    if isinstance(example, PreferenceExample):
+        return example.soft_label
+    return getattr(example, "extra", {}).get("soft_label")
 
 
 _NOUNS = {

@@ -27,7 +27,8 @@ class Encoded:
     """One training example as token ids: a prompt and one or more responses to it.
 
     SFT rows have one response (for multi-turn chats the prompt is empty and ``response_masks`` marks the
-    assistant turns); preference rows have two (chosen, rejected); KTO rows have one plus a label.
+    assistant turns); preference rows have two (chosen, rejected), with the pair's optional ``margin`` and
+    ``soft_label``; KTO rows have one plus a label.
     """
 
     prompt: list[int]
@@ -38,6 +39,7 @@ class Encoded:
     margin: float | None = None
     truncated: bool = False
     extra: dict = field(default_factory=dict)
+    soft_label: float | None = None
 
     @property
     def length(self) -> int:
@@ -171,7 +173,7 @@ def encode(example, tok, index: int) -> Encoded:
         p, c = render(tok, example.prompt, example.chosen, origin)
         p2, r = render(tok, example.prompt, example.rejected, origin)
         assert p == p2
-        return Encoded(p, [c, r], index, margin=example.margin)
+        return Encoded(p, [c, r], index, margin=example.margin, soft_label=example.soft_label)
     if kind == "UnpairedExample":
         p, c = render(tok, example.prompt, example.completion, origin)
         return Encoded(p, [c], index, label=bool(example.label))
@@ -191,7 +193,7 @@ def fit(enc: Encoded, max_length: int, max_prompt_length: int | None, policy: st
     masks = [m[:room] for m in enc.response_masks] if enc.response_masks else None
     if any(len(r) == 0 for r in responses) or (masks and not any(masks[0])):
         return None
-    return Encoded(prompt, responses, enc.index, masks, enc.label, enc.margin, True, enc.extra)
+    return Encoded(prompt, responses, enc.index, masks, enc.label, enc.margin, True, enc.extra, enc.soft_label)
 
 
 @dataclass

@@ -138,6 +138,22 @@ def _check_label_smoothing(eps: float) -> None:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps}")
 
 
+def _smoothing(eps: float | Tensor, like_B: Tensor, *, per_pair_top: float, top_open: bool) -> float | Tensor:
+    """``label_smoothing`` as a float in [0, 0.5), or a per-pair tensor [B] in ``[0, per_pair_top]`` (``[0,
+    per_pair_top)`` with ``top_open``), returned in ``like_B``'s dtype and device."""
+    if not isinstance(eps, Tensor):
+        _check_label_smoothing(eps)
+        return eps
+    eps_B = _f(eps).to(device=like_B.device, dtype=like_B.dtype)
+    if eps_B.shape != like_B.shape:
+        raise ValueError(f"a per-pair label_smoothing must have shape {tuple(like_B.shape)}, got {tuple(eps_B.shape)}")
+    below = eps_B < per_pair_top if top_open else eps_B <= per_pair_top
+    if not bool(((eps_B >= 0) & below).all()):
+        bounds = f"[0, {per_pair_top}{')' if top_open else ']'}"
+        raise ValueError(f"a per-pair label_smoothing must be in {bounds}, got {eps_B.tolist()}")
+    return eps_B
+
+
 def _dpo_terms(margin_B: Tensor) -> tuple[Tensor, Tensor]:
     """``(-log sigma(m), -log sigma(-m))``: the DPO loss of the pair as labelled and as flipped."""
     return -F.logsigmoid(margin_B), -F.logsigmoid(-margin_B)
@@ -161,7 +177,7 @@ def dpo(batch: PairLogps, *, beta: float = 0.1) -> PreferenceOutput:
     return _paired(losses_B, beta * rho_w_B, beta * rho_l_B)
 
 
-def cdpo(batch: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> PreferenceOutput:
+def cdpo(batch: PairLogps, *, beta: float = 0.1, label_smoothing: float | Tensor = 0.0) -> PreferenceOutput:
     """Conservative DPO, Mitchell 2023 ("A note on DPO with noisy preferences"; no arXiv id).
 
     ``loss = -(1 - eps) log sigma(beta Delta) - eps log sigma(-beta Delta)`` with
@@ -169,21 +185,28 @@ def cdpo(batch: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -
     DPO). Since ``softplus(z) - softplus(-z) = z``, this equals ``dpo + eps * beta * Delta``.
     Rewards: ``beta * rho``.
 
+    ``label_smoothing`` may also be a tensor [B], one eps_i per pair in [0, 1]: the cross-entropy of
+    sigma(beta Delta_i) against the soft label ``s_i = 1 - eps_i``. With a judge's soft labels
+    (``alignkit dpo`` on rows with ``soft_label``) each pair is fitted to its own probability; an
+    eps_i above 1/2 is a pair whose label leans the other way (s_i < 1/2), which a global eps may not be.
+
     Optimum: a pair preferred with probability p is driven to
     ``sigma(beta Delta) = eps + (1 - 2 eps) p``, so even deterministic preferences (p = 1) stop
-    at the finite margin ``beta Delta = logit(1 - eps)``.
+    at the finite margin ``beta Delta = logit(1 - eps)``; with p = 1 and eps_i = 1 - s_i that is
+    ``sigma(beta Delta_i) = s_i``.
 
     Golden (batch G, beta = 0.5, eps = 0.1): DPO's values plus ``0.1 * (0.75, -1.25)``:
-    ``(0.4618710061, 1.3769290813)``.
+    ``(0.4618710061, 1.3769290813)``. Per pair, eps = (0.25, 0.6) (soft labels 0.75 and 0.4):
+    DPO's values plus ``(0.25 * 0.75, 0.6 * -1.25) = (0.1875, -0.75)``: ``(0.5743710061, 0.7519290813)``.
     """
-    _check_label_smoothing(label_smoothing)
     rho_w_B, rho_l_B = _log_ratios(batch)
+    label_smoothing = _smoothing(label_smoothing, rho_w_B, per_pair_top=1.0, top_open=False)
     clean_B, flipped_B = _dpo_terms(beta * (rho_w_B - rho_l_B))
     losses_B = (1 - label_smoothing) * clean_B + label_smoothing * flipped_B
     return _paired(losses_B, beta * rho_w_B, beta * rho_l_B)
 
 
-def robust(batch: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> PreferenceOutput:
+def robust(batch: PairLogps, *, beta: float = 0.1, label_smoothing: float | Tensor = 0.0) -> PreferenceOutput:
     """Robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409).
 
     ``loss = ((1 - eps)(-log sigma(beta Delta)) - eps(-log sigma(-beta Delta))) / (1 - 2 eps)``
@@ -194,7 +217,8 @@ def robust(batch: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0)
     (``-eps (1-eps) + eps (1-eps) = 0``) and ``L(beta Delta)`` has weight
     ``((1-eps)^2 - eps^2) / (1 - 2 eps) = 1``. Equivalently
     ``robust = dpo - eps / (1 - 2 eps) * beta * Delta``.
-    Rewards: ``beta * rho``.
+    Rewards: ``beta * rho``. ``label_smoothing`` may also be a tensor [B] of per-pair flip rates, each
+    in [0, 0.5) (a soft label is not one: its probability is what cdpo fits).
 
     Optimum: a pair observed preferred with probability p is driven to
     ``sigma(beta Delta) = (p - eps) / (1 - 2 eps)``, the de-noised preference: on Bradley-Terry
@@ -202,10 +226,11 @@ def robust(batch: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0)
     ``p`` is outside ``[eps, 1 - eps]`` (less noise than assumed) the loss is unbounded below.
 
     Golden (batch G, beta = 0.5, eps = 0.1): DPO's values minus ``0.125 * (0.75, -1.25)``:
-    ``(0.2931210061, 1.6581790813)``.
+    ``(0.2931210061, 1.6581790813)``. Per pair, eps = (0.25, 0.4): ``eps / (1 - 2 eps) = (0.5, 2)``, so
+    DPO's values minus ``(0.375, -2.5)``: ``(0.0118710061, 4.0019290813)``.
     """
-    _check_label_smoothing(label_smoothing)
     rho_w_B, rho_l_B = _log_ratios(batch)
+    label_smoothing = _smoothing(label_smoothing, rho_w_B, per_pair_top=0.5, top_open=True)
     clean_B, flipped_B = _dpo_terms(beta * (rho_w_B - rho_l_B))
     losses_B = ((1 - label_smoothing) * clean_B - label_smoothing * flipped_B) / (1 - 2 * label_smoothing)
     return _paired(losses_B, beta * rho_w_B, beta * rho_l_B)

@@ -10,7 +10,8 @@ Half-precision inputs are computed in float32, as in ``alignkit.losses.preferenc
 
 Golden batch R (``tests/test_reward_losses.py``), P = 2 pairs, K = 2 aspects:
 ``r_w = ((2, 0), (-1, 1.5))``, ``r_l = ((1, 0.5), (0.5, -0.5))``, per-pair margin ``m = (0.5, 1)``, so
-``d = r_w - r_l - m = ((0.5, -1), (-2.5, 1))`` and ``(r_w + r_l)^2 = ((9, 0.25), (0.25, 1))``.
+``d = r_w - r_l - m = ((0.5, -1), (-2.5, 1))`` and ``(r_w + r_l)^2 = ((9, 0.25), (0.25, 1))``; per-pair soft
+labels ``s = (0.75, 0.5)``.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def bradley_terry(
     margin_P: Tensor | None = None,
     mask_PK: Tensor | None = None,
     center_coef: float = 0.0,
+    target_P: Tensor | None = None,
 ) -> RewardOutput:
     """Bradley-Terry reward-model loss, InstructGPT (Ouyang et al. 2022, arXiv:2203.02155), per aspect.
 
-    ``loss = -log sigma(r_w - r_l - m) + c * (r_w + r_l)^2`` for each (pair, aspect) entry.
+    ``loss = -log sigma(r_w - r_l - m) + c * (r_w + r_l)^2`` for each (pair, aspect) entry; with soft targets s,
+    ``loss = -(s log sigma(d) + (1 - s) log sigma(-d)) + c * (r_w + r_l)^2`` with ``d = r_w - r_l - m``.
 
     * ``r_chosen_PK``/``r_rejected_PK``: rewards of the preferred and dispreferred response, [P, K] (one
       column per head), or [P] for a single head; the outputs have the same shape.
@@ -71,15 +74,23 @@ def bradley_terry(
     * ``center_coef`` c: the centering term ``c * (r_w + r_l)^2`` keeps the summed reward of a pair near 0
       (BT is invariant to a shift of r); Eisenstein et al. 2023 ("Helping or Herding", arXiv:2312.09244) use
       it as an auxiliary loss, with c around 0.01.
+    * ``target_P``: optional soft labels s in [0, 1], [P] (shared by all aspects) or [P, K]: the probability
+      that the preferred response is better (an AI judge's, as ``alignkit cai stage=label`` writes it), i.e. the
+      cross-entropy of sigma(d) against s. None is the hard label s = 1 (the loss above, computed as before).
+      Since ``softplus(d) - softplus(-d) = d``, the soft loss is the hard one plus ``(1 - s) d``.
 
-    Gradient: ``d loss / d r_w = -(1 - sigma(r_w - r_l - m)) + 2c (r_w + r_l)``.
+    Gradient: ``d loss / d r_w = -(s - sigma(d)) + 2c (r_w + r_l)`` (s = 1 without targets), so without
+    centering a free pair stops where ``sigma(d) = s``: a probability-0.75 label asks for a reward gap
+    ``logit(0.75) = log 3``, not an unbounded one.
 
     Golden (batch R): without margin or centering, ``softplus(-(r_w - r_l)) =
     ((0.3132616875, 0.9740769842), (1.7014132780, 0.1269280110))``; with the margin m, ``softplus(-d) =
     ((0.4740769842, 1.3132616875), (2.5788897343, 0.3132616875))``; adding ``c = 0.1`` centering gives
     ``((1.3740769842, 1.3382616875), (2.6038897343, 0.4132616875))``. With mask ``((T, F), (T, T))`` the
     (0, 1) entry becomes 0 and ``count = 3``. ``correct = ((T, F), (F, T))``,
-    ``margins = ((1, -0.5), (-1.5, 2))``.
+    ``margins = ((1, -0.5), (-1.5, 2))``. With the margin and soft labels s = (0.75, 0.5), ``softplus(-d) +
+    (1 - s) d = softplus(-d) + ((0.125, -0.25), (-1.25, 0.5)) = ((0.5990769842, 1.0632616875),
+    (1.3288897343, 0.8132616875))``; the s = 0.5 pair's loss ``(softplus(d) + softplus(-d)) / 2`` is even in d.
     """
     r_w, r_l = _f(r_chosen_PK), _f(r_rejected_PK)
     if r_w.shape != r_l.shape or r_w.dim() not in (1, 2):
@@ -96,11 +107,14 @@ def bradley_terry(
     diff = r_w - r_l
     logits = diff
     if margin_P is not None:
-        m = _f(margin_P).to(r_w.dtype)
-        if m.dim() == 1 and r_w.dim() == 2:
-            m = m[:, None]
-        logits = diff - torch.where(mask, m, zero)
-    losses = -F.logsigmoid(logits)
+        logits = diff - torch.where(mask, _per_entry(margin_P, r_w), zero)
+    if target_P is None:
+        losses = -F.logsigmoid(logits)
+    else:
+        s = _per_entry(target_P, r_w)
+        if not bool(((s >= 0) & (s <= 1)).all()):
+            raise ValueError("target_P must hold probabilities in [0, 1]")
+        losses = -(s * F.logsigmoid(logits) + (1 - s) * F.logsigmoid(-logits))
     if center_coef:
         losses = losses + center_coef * (r_w + r_l) ** 2
     losses = torch.where(mask, losses, zero)
@@ -112,6 +126,14 @@ def bradley_terry(
         mask=mask,
         count=mask.sum(),
     )
+
+
+def _per_entry(values_P: Tensor, like_PK: Tensor) -> Tensor:
+    """A per-pair [P] (or per-entry [P, K]) tensor in the rewards' dtype, broadcast to their shape."""
+    v = _f(values_P).to(device=like_PK.device, dtype=like_PK.dtype)
+    if v.dim() == 1 and like_PK.dim() == 2:
+        v = v[:, None]
+    return v.expand_as(like_PK)
 
 
 def prm_bce(step_logits_N: Tensor, labels_N: Tensor) -> Tensor:

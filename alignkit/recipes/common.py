@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,15 +82,18 @@ def write_config(cfg: TrainConfig) -> Path:
     return out
 
 
-def prepare(cfg: TrainConfig, kind: str) -> Prepared:
+def prepare(cfg: TrainConfig, kind: str, check: Callable[[list], None] | None = None) -> Prepared:
     """Validate the data (all of it) and the output directory before any model is loaded, then load the model,
-    tokenize, split, save config."""
+    tokenize, split, save config. ``check``: called with every example (training and held out) before anything
+    is written, for a recipe's own checks of the data against its config."""
     dist.init()
     setup_logging()
     seed_everything(cfg.seed)
     loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
     log_data(loaded)
     examples, held = split_eval(cfg, loaded.examples, kind)
+    if check is not None:
+        check(examples + held)
     prepare_output_dir(cfg)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     model, tok = load_model(cfg.model, lora=lora, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)

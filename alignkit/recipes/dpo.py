@@ -8,6 +8,12 @@ Reference log-probs are computed once before training with the initial model (wi
 adapters off) and kept with the rows, so no reference model stays in memory (``reference=cached``); they are
 saved in ``OUTPUT/reference_logps.pt`` so a resumed full fine-tune still compares with the initial model.
 ``reference=live`` recomputes them every step instead, from a frozen copy or with adapters off.
+
+Soft labels (a ``soft_label`` column, the probability s that chosen is better, as ``alignkit cai stage=label``
+writes it) are conservative DPO's per-pair smoothing eps_i = 1 - s_i: cdpo's optimum
+``sigma(beta Delta) = eps + (1 - 2 eps) p`` at p = 1 is ``sigma(beta Delta_i) = s_i``, the judge's probability.
+That is what loss=dpo means on such rows, and what loss=cdpo uses in place of ``label_smoothing``; another loss
+is a config error unless ``soft_labels=ignore``.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from pathlib import Path
 import torch
 
 from alignkit.config import DPOConfig
-from alignkit.data.collate import collate, collate_shared
+from alignkit.data.collate import collate, collate_shared, soft_labels
+from alignkit.data.formats import soft_label
 from alignkit.data.tokenize import Encoded
+from alignkit.errors import ConfigError
 from alignkit.losses.preference import PairLogps, PreferenceOutput, UnpairedLogps, get_loss, kto_reference_point
 from alignkit.models.device import model_device, on_model
 from alignkit.models.logprobs import autocast, sequence_logps, shared_prompt_logps
@@ -122,10 +130,13 @@ def _fingerprint(rows: list[Encoded]) -> str:
 
 
 class PreferenceTask:
-    def __init__(self, cfg: DPOConfig, pad_id: int, reference: Reference | None):
+    """``soft``: fit each pair's soft label, as cdpo with per-pair eps_i = 1 - s_i (see :func:`uses_soft_labels`)."""
+
+    def __init__(self, cfg: DPOConfig, pad_id: int, reference: Reference | None, soft: bool = False):
         self.batch_size = cfg.batch_size
-        self.spec = get_loss(cfg.loss)
+        self.spec = get_loss("cdpo" if soft else cfg.loss)
         self.hparams = {k: getattr(cfg, k) for k in self.spec.hparams}
+        self.soft = soft
         self.pad_id, self.chunk, self.reference = pad_id, cfg.logits_chunk, reference
         self.shared = cfg.share_prompt
         self.z0 = torch.tensor(0.0)
@@ -151,7 +162,10 @@ class PreferenceTask:
             lp, n = response_logps(model, rows, (0, 1), self.pad_id, self.chunk, self.shared)
             batch = PairLogps(lp[:, 0], lp[:, 1], n[:, 0], n[:, 1],
                               ref[:, 0] if ref is not None else None, ref[:, 1] if ref is not None else None)
-            out = self.spec.fn(batch, **self.hparams)
+            hparams = self.hparams
+            if self.soft:
+                hparams = {**hparams, "label_smoothing": 1 - soft_labels(rows).to(lp.device)}
+            out = self.spec.fn(batch, **hparams)
         else:
             lp, n = response_logps(model, rows, (0,), self.pad_id, self.chunk)
             desirable = torch.tensor([bool(r.label) for r in rows], device=lp.device)
@@ -190,9 +204,30 @@ def kto_rows(rows: list[Encoded]) -> list[Encoded]:
     return rows
 
 
+def uses_soft_labels(cfg: DPOConfig, examples: list) -> bool:
+    """Whether this run fits the examples' soft labels (``DPOConfig.soft_labels``): true when some carry one,
+    ``soft_labels=use`` and loss is dpo or cdpo. Soft labels that the loss has no use for, or loss=cdpo with a
+    ``label_smoothing`` they would replace, are a ConfigError (checked before any model loads)."""
+    n = sum(soft_label(ex) is not None for ex in examples)
+    if not n or cfg.soft_labels == "ignore":
+        return False
+    if cfg.loss not in ("dpo", "cdpo"):
+        raise ConfigError(f"{n} of {len(examples)} examples carry a soft_label, which loss={cfg.loss} has no use for: "
+                          "choose loss=dpo or cdpo (per-pair eps_i = 1 - soft_label_i), or soft_labels=ignore to train "
+                          "on the hard labels")
+    if cfg.loss == "cdpo" and cfg.label_smoothing:
+        raise ConfigError(f"loss=cdpo on rows with a soft_label takes eps_i = 1 - soft_label_i per pair in place of "
+                          f"label_smoothing={cfg.label_smoothing}: leave label_smoothing at 0, or set soft_labels=ignore")
+    log.info("%d of %d pairs carry a soft_label: loss=%s trains as cdpo with per-pair eps_i = 1 - soft_label_i",
+             n, len(examples), cfg.loss)
+    return True
+
+
 def run(cfg: DPOConfig) -> dict:
     spec = get_loss(cfg.loss)
-    p = prepare(cfg, "preference" if spec.paired else "unpaired")
+    soft = []  # set by the check, before the model loads
+    p = prepare(cfg, "preference" if spec.paired else "unpaired",
+                check=lambda examples: soft.append(uses_soft_labels(cfg, examples)))
     if not spec.paired:
         kto_rows(p.train)
         kto_rows(p.eval)
@@ -204,7 +239,7 @@ def run(cfg: DPOConfig) -> dict:
             strategy.prepare(reference.frozen, cfg)  # a frozen copy is sharded like the policy (no optimizer state)
         reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=resuming(cfg))
         reference.fill(p.model, p.eval, desc="reference (eval)")
-    task = PreferenceTask(cfg, pad, reference)
+    task = PreferenceTask(cfg, pad, reference, soft=soft[0])
     evaluate_fn = (lambda: evaluate(task, p.model, p.eval, cfg.batch_size)) if p.eval else None
     before = {}
     if evaluate_fn is not None and not resuming(cfg):

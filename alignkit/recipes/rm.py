@@ -8,6 +8,11 @@ Aspects: with ``aspects=helpfulness,safety`` the model has one head per aspect. 
 ``"aspects": {"helpfulness": 1, "safety": -1}`` (1: chosen is better on that aspect, -1: rejected is better,
 0 or absent: not labelled, masked) or ``"aspect": "safety"`` (labelled for that aspect only); a row with
 neither is labelled for every aspect. ``aspect_weights`` combine the heads into one reward when scoring.
+
+Soft labels: a pair row's ``soft_label`` s (the probability that the row's label is right, as an AI judge gives
+it) is the Bradley-Terry target of each of its labelled aspects, ``-(s log sigma(d) + (1 - s) log sigma(-d))``,
+so the reward gap is fitted to ``sigma(d) = s`` rather than pushed apart without end (``soft_labels=ignore``:
+hard labels). Ranking rows have none.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ def aspect_labels(example, aspects: list[str]) -> list[int]:
 
 
 def encode_groups(examples, tok, aspects: list[str], cfg: RMConfig) -> list[Encoded]:
-    """One row per prompt group: its distinct responses and its pairs ``(i, j, margin, labels)``."""
+    """One row per prompt group: its distinct responses and its pairs ``(i, j, margin, soft_label, labels)``
+    (soft label 1.0 for a hard label, or with ``soft_labels=ignore``)."""
     groups: dict[int, list] = {}
     for ex in examples:
         groups.setdefault(ex.group, []).append(ex)
@@ -81,7 +87,8 @@ def encode_groups(examples, tok, aspects: list[str], cfg: RMConfig) -> list[Enco
                     responses.append(ids)
             labels = aspect_labels(ex, aspects)
             if any(labels):
-                pairs.append((ij[0], ij[1], float(ex.margin or 0.0), labels))
+                soft = 1.0 if ex.soft_label is None or cfg.soft_labels == "ignore" else ex.soft_label
+                pairs.append((ij[0], ij[1], float(ex.margin or 0.0), soft, labels))
         enc = fit(Encoded(prompt, responses, len(rows), extra={"pairs": pairs}), cfg.max_length,
                   cfg.max_prompt_length or None, cfg.truncation)
         if enc is not None and pairs:
@@ -131,20 +138,22 @@ class PairRewardTask:
 
     def loss(self, model, rows, normaliser):
         rewards = _forward(model, rows, self.pad_id, self.cfg.share_prompt)
-        win, lose, margin, sign = [], [], [], []
+        win, lose, margin, target, sign = [], [], [], [], []
         for r_RK, row in zip(rewards, rows):
-            for i, j, m, labels in row.extra["pairs"]:
+            for i, j, m, s, labels in row.extra["pairs"]:
                 win.append(r_RK[i])
                 lose.append(r_RK[j])
                 margin.append(m)
+                target.append(s)
                 sign.append(labels)
         a_PK, b_PK = torch.stack(win), torch.stack(lose)
         sign_PK = torch.tensor(sign, dtype=torch.float32, device=a_PK.device)
         # a label of -1 means the rejected response is the better one on that aspect
         better = torch.where(sign_PK < 0, b_PK, a_PK)
         worse = torch.where(sign_PK < 0, a_PK, b_PK)
+        soft = None if all(s == 1.0 for s in target) else torch.tensor(target, device=a_PK.device)
         out = bradley_terry(better, worse, margin_P=torch.tensor(margin, device=a_PK.device), mask_PK=sign_PK != 0,
-                            center_coef=self.cfg.center_coef)
+                            center_coef=self.cfg.center_coef, target_P=soft)
         total = out.losses.sum()
         all_r = torch.cat(rewards).detach()
         n = float(out.mask.sum())
