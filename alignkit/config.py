@@ -138,6 +138,7 @@ class DPOConfig(TrainConfig):
                            "loss=cdpo takes eps_i = 1 - s_i in place of label_smoothing (which must be left at 0); "
                            "any other loss stops with exit 2; a row without one is a hard label (s = 1). ignore: "
                            "train on the hard labels, as if the column were absent.", ("use", "ignore"))
+    force: bool = opt(False, "Train on AI labels whose judge measured below min_alignment (labeler_alignment.json beside the data, written by alignkit cai); without it such data stops the run with exit 2.")
     gamma: float = opt(0.5, "SimPO target margin gamma.")
     orpo_lambda: float = opt(0.1, "ORPO weight lambda of the odds-ratio term.")
     ipo_average: bool = opt(False, "IPO on average instead of summed log-probs (sum is the paper's).")
@@ -167,6 +168,7 @@ class RMConfig(TrainConfig):
                            "d = r_w - r_l - margin, so a pair's reward gap is fitted to sigma(d) = s; a row without one "
                            "is a hard label (s = 1). ignore: train on the hard labels, as if the column were absent.",
                            ("use", "ignore"))
+    force: bool = opt(False, "Train on AI labels whose judge measured below min_alignment (labeler_alignment.json beside the data, written by alignkit cai); without it such data stops the run with exit 2.")
     process: bool = opt(False, "Process reward model: stepwise data (prompt/steps/labels), BCE at each step's last token.")
     step_separator: str = opt("\n", "Text joining a process reward model's steps.")
     aggregate: str = opt("min", "How a process reward model combines step scores into one.", ("min", "prod"))

@@ -466,6 +466,10 @@ MUTATIONS: list[Mutation] = [
              '"both_orders": per[first]["ab"],',
              ("tests/test_cai.py",), "the both-orders alignment keeps the judge's position bias",
              k="three_modes"),
+    Mutation("labeler_report_unread", "alignkit/recipes/common.py",
+             "        check_labels(cfg.data, cfg.force)\n", "        pass\n",
+             ("tests/test_cai.py",), "rm and dpo train on AI labels whose judge failed its alignment gate",
+             k="refuse_labels"),
 ]
 
 

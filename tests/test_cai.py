@@ -589,3 +589,20 @@ def test_a_judge_below_min_alignment_writes_no_labels_unless_forced(tmp_path, co
     good = dataclasses.replace(cfg, alignment_principles="kind", output_dir=str(tmp_path / "good"))
     cai_recipe.run(good, policy=ScriptedLM(pairs=two), judge=ScriptedLM(judge_lps=biased_judge))
     assert alignment.check_labels(str(tmp_path / "good" / "preferences.jsonl"), force=False)["passed"] is True
+
+
+def test_rm_and_dpo_refuse_labels_whose_judge_failed_unless_forced(tmp_path, capsys):
+    """A labeler-alignment report that failed, beside a preference file: alignkit rm and dpo exit 2 naming it,
+    before any model loads; with force=true they train."""
+    prefs = tmp_path / "preferences.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no", "soft_label": 0.8})
+                             + "\n" for i in range(4)))
+    (tmp_path / alignment.REPORT_FILE).write_text(json.dumps(
+        {"passed": False, "accuracy": 0.4, "mode": "both_orders", "set": "refusal", "min_alignment": 0.7}))
+    for method in ("rm", "dpo"):
+        common = [method, "model=tiny", f"data={prefs}", "max_steps=1", "batch_size=2", "progress=false"]
+        assert main([*common, f"output_dir={tmp_path / method}"]) == 2
+        err = capsys.readouterr().err
+        assert "below min_alignment=0.7" in err and alignment.REPORT_FILE in err
+        assert not (tmp_path / method).exists()
+        assert main([*common, f"output_dir={tmp_path / (method + '_forced')}", "force=true"]) == 0

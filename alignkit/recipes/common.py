@@ -82,6 +82,18 @@ def write_config(cfg: TrainConfig) -> Path:
     return out
 
 
+def load_training_data(cfg: TrainConfig, kind: str):
+    """The run's data, validated and logged; AI labels whose judge failed its labeler-alignment gate
+    (``labeler_alignment.json`` beside them, written by ``alignkit cai``) stop the run unless ``force=true``."""
+    loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
+    log_data(loaded)
+    if hasattr(cfg, "force"):
+        from alignkit.feedback.alignment import check_labels
+
+        check_labels(cfg.data, cfg.force)
+    return loaded
+
+
 def prepare(cfg: TrainConfig, kind: str, check: Callable[[list], None] | None = None) -> Prepared:
     """Validate the data (all of it) and the output directory before any model is loaded, then load the model,
     tokenize, split, save config. ``check``: called with every example (training and held out) before anything
@@ -89,9 +101,7 @@ def prepare(cfg: TrainConfig, kind: str, check: Callable[[list], None] | None = 
     dist.init()
     setup_logging()
     seed_everything(cfg.seed)
-    loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
-    log_data(loaded)
-    examples, held = split_eval(cfg, loaded.examples, kind)
+    examples, held = split_eval(cfg, load_training_data(cfg, kind).examples, kind)
     if check is not None:
         check(examples + held)
     prepare_output_dir(cfg)

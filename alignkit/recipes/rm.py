@@ -24,7 +24,6 @@ import torch
 
 from alignkit.config import RMConfig
 from alignkit.data.collate import collate_shared, pad
-from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import Encoded, fit, render, render_steps
 from alignkit.errors import DataError
 from alignkit.losses.reward import bradley_terry, prm_bce
@@ -34,7 +33,7 @@ from alignkit.models.logprobs import autocast
 from alignkit.models.reward import (
     RewardMeta, load_reward_backbone, position_rewards, save_meta, sequence_rewards, shared_rewards,
 )
-from alignkit.recipes.common import log_data, seed_everything, setup_logging, split_eval, write_config
+from alignkit.recipes.common import load_training_data, seed_everything, setup_logging, split_eval, write_config
 from alignkit.train.checkpoint import prepare_output_dir
 from alignkit.train import dist, strategy
 from alignkit.train.loop import derive_std, evaluate, micro_batches, train
@@ -211,9 +210,7 @@ def run(cfg: RMConfig) -> dict:
     seed_everything(cfg.seed)
     aspects = cfg.aspect_names
     kind = "stepwise" if cfg.process else "preference"
-    loaded = load_examples(cfg.data, kind, skip_invalid=cfg.skip_invalid)
-    log_data(loaded)
-    examples, held = split_eval(cfg, loaded.examples, kind)
+    examples, held = split_eval(cfg, load_training_data(cfg, kind).examples, kind)
     prepare_output_dir(cfg)
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target) if cfg.lora else None
     model, tok = load_reward_backbone(cfg.model, 1 if cfg.process else len(aspects), lora=lora, seed=cfg.seed)
