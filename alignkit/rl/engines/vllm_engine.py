@@ -197,6 +197,10 @@ class VLLMEngine:
         )
         if not self.on_cpu:
             self._llm_args.update(gpu_memory_utilization=gpu_memory, enable_sleep_mode=True)
+        else:
+            # a prompt prefilled in chunks has its sampled token discarded and its seeded generator wound back,
+            # which a CPU generator cannot do ("CPU Generator does not use offset"): prefill every prompt whole
+            self._llm_args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         if transport == "ipc":
             from vllm.config import WeightTransferConfig
 
