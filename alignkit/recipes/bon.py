@@ -10,7 +10,7 @@ Written to ``output_dir``: ``best.jsonl`` (one prompt/completion row per prompt 
 prompt's form, with the row's columns and the ``reward``: ready for ``alignkit sft``), ``samples.jsonl`` (every
 sample with its reward), ``summary.json`` and ``config.yaml``.
 
-The KL reported (docs/rejection_sampling.md):
+The KL reported (docs/ai_feedback.md):
 
 - ``kl/bound`` = ``log n - (n-1)/n``, the KL of best-of-n against the sampling policy for a continuous reward and
   an upper bound for any reward;
