@@ -385,6 +385,11 @@ MUTATIONS: list[Mutation] = [
              "None if greedy else row_seed(int(seeds[i]), j)", "None if greedy else int(seeds[i])",
              (VLLM,), "every sample of a prompt has the prompt's seed: a group of identical completions",
              only_if=VLLM_ON),
+    Mutation("vllm_chunked_prefill", "alignkit/rl/engines/vllm_engine.py",
+             "            self._llm_args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))",
+             "            pass",
+             (VLLM,), "a rollout past vLLM's token budget fails: chunked prefill winds back seeded CPU generators",
+             only_if=VLLM_ON),
     # ---------------------------------------------------------------- weight sync (alignkit/weights)
     Mutation("weights_piece_offset", "alignkit/weights/buckets.py",
              "Piece(offset=offset, nbytes=n,", "Piece(offset=offset + 1, nbytes=n,",

@@ -205,6 +205,18 @@ class TestTinyModel:
         assert tokens(other) != tokens(together)
         assert all(len({tuple(c.token_ids) for c in g}) > 1 for g in together)  # samples of a prompt differ
 
+    def test_a_call_past_the_batched_token_budget_samples_as_its_parts(self, setup):
+        """64 seeded requests of 100 prompt tokens each (a GRPO rollout's size) exceed vLLM's per-step token budget
+        on CPU (4096), which chunked prefill would split, winding back seeded CPU generators that cannot be wound
+        back ("CPU Generator does not use offset"); prefilled whole, each samples what it samples alone. Each
+        prompt starts with a token of its own, so that no prefix is cached."""
+        model, tok, engine, local, prompts = setup
+        long = [[10 + i] + (prompts[i % 4] * 30)[:99] for i in range(64)]
+        short = SamplingParams(temperature=0.7, max_new_tokens=4)
+        together = engine.generate(long, 1, short, seeds=list(range(64)))
+        for i in (0, 63):
+            assert tokens(engine.generate([long[i]], 1, short, seeds=[i])) == tokens([together[i]])
+
     def test_eos_and_stop_strings_end_completions_as_in_the_local_engine(self, setup):
         model, tok, engine, local, prompts = setup
         free = local.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=12))
