@@ -129,7 +129,7 @@ def main(argv: list[str]) -> None:
     report = render(s, judge, align, sl_data, sl, rl_data, rl, evals, minutes, total)
     (out / "report.md").write_text(report)
     (out / "cai_demo.json").write_text(json.dumps({"settings": s, "minutes": minutes, "total_minutes": total,
-                                                   "alignment": align, "sl_data": sl_data, "rl_data": rl_data,
+                                                   "alignment": align, "sl_data": sl_data, "sl": sl, "rl_data": rl_data, "rl": rl,
                                                    "evals": evals}, indent=2, default=str))
     print(report)
 
@@ -176,8 +176,8 @@ def render(s, judge, align, sl_data, sl, rl_data, rl, evals, minutes, total) -> 
         f"{sl.get('step')} LoRA SFT steps (last loss {sl.get('loss', float('nan')):.3f}).",
         f"- RL-CAI: {rl_data['pairs']} labelled pairs kept, {rl_data['ties']} ties, {rl_data['parse_failures']} "
         f"unreadable, {rl_data['identical']} identical answers dropped; orders agreed on {rl_data['orders_agreed']} "
-        f"pairs; mean soft label {rl_data['mean_soft_label'] or float('nan'):.3f}; {rl.get('step')} DPO steps "
-        f"(last loss {rl.get('loss', float('nan')):.3f}).",
+        f"pairs; mean soft label {rl_data['mean_soft_label'] or float('nan'):.3f}; {rl.get('steps')} DPO steps "
+        f"(last loss {rl.get('train_last', {}).get('loss', float('nan')):.3f}).",
         "", "## Before and after (base = the model before SL-CAI)", "",
         "Rates with 95% bootstrap intervals over prompts; change = the model minus the base on the same prompts "
         "(paired 95% interval).", "",
