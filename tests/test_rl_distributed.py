@@ -209,7 +209,8 @@ def assert_same_rl_run(one: Path, two: Path, label: str) -> list[dict]:
             for k in ("loss", "grad_norm", "kl", "rollout/kl", "advantage/mean") if any(k in r for r in ma)}
     w = max_diff(weights(one), weights(two))
     print(f"\n[{label}] max |diff|: weights {w:.2e}, " + ", ".join(f"{k} {v:.2e}" for k, v in gaps.items()))
-    assert gaps["loss"] <= 1e-6 and gaps["grad_norm"] <= 1e-5, gaps
+    # float32 sums in another order: about 1e-6 in the loss after 4 steps (1.03e-6 on a CPU with AVX-512)
+    assert gaps["loss"] <= 2e-6 and gaps["grad_norm"] <= 1e-5, gaps
     assert w <= 1e-5, w
     return ma
 
