@@ -147,11 +147,10 @@ def measure(judge: ChatLM, pairs: Sequence[LabelledPair], constitution: Constitu
         first = next(iter(per))
         coin = random.Random(stable_seed(seed, "order", pair.id)).random() < 0.5
         one = per[first]["ab"] if coin else (None if per[first]["ba"] is None else 1 - per[first]["ba"])
+        full = pair_label([per[j]["ab"] for j in per], [per[j]["ba"] for j in per], clamp=chain_of_thought)
         labels = {"one_order": one,
                   "both_orders": pair_label([per[first]["ab"]], [per[first]["ba"]], clamp=chain_of_thought)["p"],
-                  "ensemble": None}
-        full = pair_label([per[j]["ab"] for j in per], [per[j]["ba"] for j in per], clamp=chain_of_thought)
-        labels["ensemble"] = full["p"]
+                  "ensemble": full["p"]}
         agree += full["agreed"]
         asked += [v for j in per for v in per[j].values() if v is not None]
         for m, p in labels.items():
