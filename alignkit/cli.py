@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from alignkit import __version__
-from alignkit.config import CAIConfig, DPOConfig, EvalConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
+from alignkit.config import CAIConfig, DPOConfig, EvalConfig, GDPOConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
 from alignkit.config import BoNConfig, RejectionConfig, SelfRewardConfig
 from alignkit.errors import CheckpointError, ConfigError, Stopped, TrainingDiverged, UserError
 
@@ -24,6 +24,7 @@ METHODS = {
     "sft": (SFTConfig, "alignkit.recipes.sft", "Supervised fine-tuning on text, messages or prompt/completion rows."),
     "rm": (RMConfig, "alignkit.recipes.rm", "Reward model: Bradley-Terry on pairs or rankings, aspect heads, or process=true."),
     "dpo": (DPOConfig, "alignkit.recipes.dpo", "Offline preference training: loss=dpo|cdpo|robust|hinge|ipo|kto|orpo|simpo."),
+    "gdpo": (GDPOConfig, "alignkit.recipes.gdpo", "GDPO: state a belief, then answer; beliefs calibrated to a group's distribution."),
     "grpo": (RLConfig, "alignkit.recipes.rl", "Online RL on prompts: preset=grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp|ppo."),
     "ppo": (PPOConfig, "alignkit.recipes.rl", "PPO-RLHF: policy, reference, reward function or model, value model, GAE."),
     "online-dpo": (OnlineDPOConfig, "alignkit.recipes.online_dpo", "Online DPO: a judge labels two samples per prompt."),

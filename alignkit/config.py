@@ -157,6 +157,33 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
+class GDPOConfig(DPOConfig):
+    """GDPO (Yao et al. 2412.20299): state a belief, then answer given it; the belief distribution calibrated to
+    the group's, the preference loss on the response after the belief (ALGORITHMS.md, 'GDPO')."""
+
+    loss: str = opt("dpo", "Preference loss on the response tokens after the belief.",
+                    ("dpo", "cdpo", "robust", "hinge", "ipo", "orpo", "simpo"))
+    calibration_weight: float = opt(1.0, "Weight of the calibration term KL(p* || q): q is the model's distribution "
+                                         "over the prompt's beliefs (sequence log-probs normalised over them).")
+    belief_nll_weight: float = opt(1.0, "Weight of -log pi(belief | prompt) of each pair's own belief.")
+    preference_weight: float = opt(1.0, "Weight of the preference loss on the response after the belief.")
+    belief_template: str = opt("Belief: {belief}\n", "How the belief opens the answer; '{belief}' once, text after it.")
+
+    def validate(self) -> None:
+        super().validate()
+        from alignkit.data.beliefs import check_template
+
+        try:
+            check_template(self.belief_template)
+        except ValueError as err:
+            raise ConfigError(f"belief_template: {err}") from None
+        weights = (self.calibration_weight, self.belief_nll_weight, self.preference_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ConfigError(f"calibration_weight, belief_nll_weight and preference_weight must be >= 0 and not all "
+                              f"0, got {weights}")
+
+
+@dataclass
 class RMConfig(TrainConfig):
     """Reward models: Bradley-Terry on pairs and rankings, several aspect heads, or a process reward model."""
 
@@ -528,7 +555,7 @@ class EvalConfig:
     reference: str = opt("smollm2-135m-instruct", "What it is compared with (usually the model before alignment); empty: none.")
     output_dir: str = opt("outputs/eval", "Where summary.json, the PNG plots and report.html are written.")
     run_dir: str = opt("", "A training run's output_dir: its metrics.jsonl adds training curves to the report.")
-    suites: str = opt("capability,winrate,safety,probes", "Comma-separated parts to run.", list_as="comma")
+    suites: str = opt("capability,winrate,safety,probes", "Comma-separated parts to run: capability, winrate, safety, probes, and pluralistic (GDPO: the model's belief distribution against a group's on held-out questions; not run by default).", list_as="comma")
     capability_data: str = opt("asdiv-heldout", "Math prompts with an `answer` column: 'asdiv-heldout' (the main jobs' 150), 'math500', or a file.")
     capability_limit: int = opt(150, "Problems scored per capability set (0: all).")
     math500_limit: int = opt(50, "MATH-500 problems scored as a second capability set (0: skip).")
@@ -551,6 +578,12 @@ class EvalConfig:
     batch_size: int = opt(64, "Sequences generated at once.")
     bootstrap: int = opt(2000, "Bootstrap resamples for confidence intervals.")
     seed: int = opt(0, "Seed for sampling and the bootstrap.")
+    pluralistic_data: str = opt("", "suites=pluralistic: held-out questions as belief-kind data (prompt, beliefs with the group's shares, pairs; optional keywords for the consistency rule); empty: the shipped synthetic set's test.jsonl.")
+    pluralistic_samples: int = opt(16, "suites=pluralistic: free completions per question (temperature 1) for the sampled belief distribution, and as many two-stage ones for consistency.")
+    pluralistic_questions: int = opt(0, "suites=pluralistic: questions used (the first N; 0: all).")
+    pluralistic_max_new_tokens: int = opt(40, "suites=pluralistic: token limit of a sampled turn (the belief line and a sentence).")
+    pluralistic_plot_questions: int = opt(4, "suites=pluralistic: questions drawn as bar charts in the report (those with 3+ beliefs, spread over the set).")
+    belief_template: str = opt("Belief: {belief}\n", "suites=pluralistic: how a turn states its belief, with one {belief} field and text after it (as the model was trained).")
 
     @property
     def suite_names(self) -> list[str]:
@@ -559,14 +592,22 @@ class EvalConfig:
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("model= is required (a run's final/ directory or a model name)")
-        unknown = set(self.suite_names) - {"capability", "winrate", "safety", "probes"}
+        unknown = set(self.suite_names) - {"capability", "winrate", "safety", "probes", "pluralistic"}
         if unknown:
-            raise ConfigError(f"unknown suite(s) {', '.join(sorted(unknown))}; choose from capability, winrate, safety, probes")
+            raise ConfigError(f"unknown suite(s) {', '.join(sorted(unknown))}; choose from capability, winrate, safety, probes, pluralistic")
+        if "pluralistic" in self.suite_names:
+            from alignkit.data.beliefs import check_template
+
+            try:
+                check_template(self.belief_template)
+            except ValueError as e:
+                raise ConfigError(f"belief_template: {e}") from None
         if "winrate" in self.suite_names and not self.reference:
             raise ConfigError("the win rate needs a reference= model")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision={self.precision!r}: expected bf16 or fp32")
-        for name in ("samples", "max_new_tokens", "ifbench_max_new_tokens", "batch_size", "bootstrap"):
+        for name in ("samples", "max_new_tokens", "ifbench_max_new_tokens", "batch_size", "bootstrap",
+                     "pluralistic_samples", "pluralistic_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 

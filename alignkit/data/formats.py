@@ -17,6 +17,15 @@ Row formats use TRL's field names, so data is used unchanged. ``Text`` is a stri
 * Prompt-only (RL, evaluation): ``prompt``, with every other column kept in ``extra`` (e.g. ``answer``).
 * Stepwise (process reward models): ``prompt`` (a string), ``steps`` (a non-empty list of non-blank strings, the
   reasoning steps in order) and ``labels`` (one boolean or 0/1 per step: is that step correct).
+* Belief (GDPO): ``prompt``, ``beliefs`` (an object: belief -> the group's share, shares summing to 1 within
+  0.01) and either ``pairs`` (a list of ``{belief, chosen, rejected}``, optional ``rejected_belief``: the stance
+  the rejected response takes) or one pair per row as ``belief``/``chosen``/``rejected``; or the
+  GlobalOpinionQA-derived layout of the GDPO paper's data: ``prompt`` (optional ``context`` before it),
+  ``options`` (a list, or its Python ``repr`` as GlobalOpinionQA ships it), ``probabilities`` (one share per
+  option), ``accept_choice``/``accept_response`` (the annotator's belief and the response consistent with it),
+  ``reject_response`` (one that is not; optional ``reject_choice``, and ``accept_choice_id``/``reject_choice_id``,
+  an option's index from 0 or 1, checked against the text). Rows of the same prompt must give the same beliefs
+  and shares.
 
 Implicit prompt (``chosen``/``rejected`` without ``prompt``), as TRL's ``extract_prompt`` does it: for message
 lists the prompt is the longest common prefix of whole messages; for strings it is the longest common character
@@ -49,7 +58,8 @@ from alignkit.errors import DataError
 Message = dict[str, str]
 Text = str | list[Message]
 ROLES = ("system", "user", "assistant", "tool")
-KINDS = ("sft", "preference", "unpaired", "prompt", "stepwise")
+KINDS = ("sft", "preference", "unpaired", "prompt", "stepwise", "belief")
+SHARE_TOLERANCE = 0.01  # how far from 1 a belief distribution may sum (it is then renormalised)
 _KEEP_SKIPPED = 5  # how many skipped-row messages LoadedData keeps
 
 
@@ -143,6 +153,25 @@ class StepwiseExample:
     prompt: str
     steps: list[str]
     labels: list[bool]
+    origin: Origin
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BeliefExample:
+    """A prompt whose group holds ``beliefs`` with shares ``target`` (summing to 1), and one annotator's pair
+    conditioned on a belief: given ``belief``, ``chosen`` (consistent with it) is preferred to ``rejected``.
+    ``rejected_belief``: the belief the rejected response expresses, when known (pooled DPO pairs need it).
+    ``group``: shared by every pair of one prompt, so a prompt's pairs stay on one side of a split."""
+
+    prompt: Text
+    beliefs: tuple[str, ...]
+    target: tuple[float, ...]
+    belief: str
+    chosen: str
+    rejected: str
+    rejected_belief: str | None
+    group: int
     origin: Origin
     extra: dict = field(default_factory=dict)
 
@@ -592,7 +621,7 @@ def _split_shared_prefix(chosen: Text, rejected: Text) -> tuple[Text, Text, Text
 
 # --------------------------------------------------------------------------------------- row formats
 
-Record = SFTExample | PreferenceExample | UnpairedExample | PromptExample | StepwiseExample
+Record = SFTExample | PreferenceExample | UnpairedExample | PromptExample | StepwiseExample | BeliefExample
 
 
 @dataclass(frozen=True)
@@ -699,6 +728,146 @@ def _as_unpaired(parse_pairs):
     return parse
 
 
+def _distribution(names: list, shares: list, field: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Beliefs (at least 2 distinct non-blank strings) and their shares (finite, >= 0, summing to 1 within
+    ``SHARE_TOLERANCE``; renormalised to sum to 1 exactly)."""
+    if len(names) < 2:
+        raise _RowError(field, f"expected at least 2 beliefs, found {len(names)}")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise _RowError(field, f"belief {i} must be a non-blank string, found {_found(name)}")
+        _unicode(name, field)
+    dup = next((n for n, c in Counter(names).items() if c > 1), None)
+    if dup is not None:
+        raise _RowError(field, f"belief {dup!r} is listed twice")
+    values = []
+    for name, share in zip(names, shares):
+        number = _finite(share, f"{field}.{name}")
+        if number is None or number < 0:
+            raise _RowError(f"{field}.{name}", f"expected a share >= 0, found {_found(share)}")
+        values.append(number)
+    total = sum(values)
+    if abs(total - 1.0) > SHARE_TOLERANCE:
+        raise _RowError(field, f"the shares sum to {total:.6g}; a distribution over beliefs must sum to 1 "
+                               f"(within {SHARE_TOLERANCE})")
+    return tuple(names), tuple(v / total for v in values)
+
+
+def _beliefs(value: Any) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    if not isinstance(value, dict):
+        raise _RowError("beliefs", f"expected an object belief -> share, found {_found(value)}")
+    return _distribution(list(value), list(value.values()), "beliefs")
+
+
+def _known(value: Any, beliefs: tuple[str, ...], field: str) -> str:
+    name = _string(value, field)
+    if name not in beliefs:
+        raise _RowError(field, f"unknown belief {name!r}; the prompt's beliefs are {list(beliefs)}")
+    return name
+
+
+def _belief_pair(prompt, beliefs, target, pair: dict, where: str, origin, extra) -> BeliefExample:
+    for key in ("belief", "chosen", "rejected"):
+        if pair.get(key) is None:
+            raise _RowError(f"{where}{key}", f"is missing; a belief pair needs belief, chosen and rejected")
+    belief = _known(pair["belief"], beliefs, f"{where}belief")
+    chosen = _string(pair["chosen"], f"{where}chosen", response=True)
+    rejected = _string(pair["rejected"], f"{where}rejected", response=True)
+    if chosen == rejected:
+        raise _RowError(f"{where}rejected", "is identical to chosen; a preference pair needs two different responses")
+    other = pair.get("rejected_belief")
+    other = None if other is None else _known(other, beliefs, f"{where}rejected_belief")
+    return BeliefExample(prompt, beliefs, target, belief, chosen, rejected, other, origin.row, origin, extra)
+
+
+def _belief_nested(row, origin, extra):
+    prompt = _text(row["prompt"], "prompt")
+    beliefs, target = _beliefs(row["beliefs"])
+    pairs = row["pairs"]
+    if not isinstance(pairs, list) or not pairs:
+        raise _RowError("pairs", f"expected a non-empty list of {{belief, chosen, rejected}}, found {_found(pairs)}")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, dict):
+            raise _RowError(f"pairs[{i}]", f"expected an object {{belief, chosen, rejected}}, found {_found(pair)}")
+    return [_belief_pair(prompt, beliefs, target, pair, f"pairs[{i}].", origin, extra) for i, pair in enumerate(pairs)]
+
+
+def _belief_flat(row, origin, extra):
+    prompt = _text(row["prompt"], "prompt")
+    beliefs, target = _beliefs(row["beliefs"])
+    return [_belief_pair(prompt, beliefs, target, row, "", origin, extra)]
+
+
+def _options(value: Any) -> list:
+    """GlobalOpinionQA's options: a list, or the Python repr of one (``"['Yes', 'No']"``, as it ships)."""
+    if isinstance(value, str):
+        import ast
+
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise _RowError("options", f"expected a list of options (or its Python repr), found {_found(value)}") from None
+    if not isinstance(value, (list, tuple)):
+        raise _RowError("options", f"expected a list of options, found {_found(value)}")
+    return list(value)
+
+
+def _choice(row, text_key: str, id_key: str, options: tuple[str, ...]) -> str | None:
+    """An option named by its text and/or its index (from 0 or 1); the two must agree."""
+    text, idx = row.get(text_key), row.get(id_key)
+    if text is not None:
+        text = _known(text, options, text_key)
+    if idx is None:
+        return text
+    if isinstance(idx, str) and idx.strip().isdigit():
+        idx = int(idx)
+    if type(idx) is not int:
+        raise _RowError(id_key, f"expected an option index, found {_found(idx)}")
+    fits = [options[i] for i in (idx, idx - 1) if 0 <= i < len(options)]
+    if text is None:
+        if len(fits) != 1 or (idx == 0) == (idx == len(options)):
+            raise _RowError(id_key, f"cannot tell which of {list(options)} index {idx} names without {text_key}")
+        return fits[0]
+    if text not in fits:
+        raise _RowError(id_key, f"index {idx} does not name {text!r} (counting from 0 or 1) in {list(options)}")
+    return text
+
+
+def _belief_opinionqa(row, origin, extra):
+    prompt = _string(row["prompt"], "prompt")
+    if row.get("context") is not None:
+        prompt = _string(row["context"], "context").rstrip() + "\n\n" + prompt
+    options = _options(row["options"])
+    shares = row["probabilities"]
+    if not isinstance(shares, list) or len(shares) != len(options):
+        n = len(shares) if isinstance(shares, list) else _found(shares)
+        raise _RowError("probabilities", f"expected one share per option ({len(options)}), found {n}")
+    beliefs, target = _distribution(options, shares, "probabilities")
+    pair = {"belief": _choice(row, "accept_choice", "accept_choice_id", beliefs),
+            "chosen": row["accept_response"], "rejected": row["reject_response"],
+            "rejected_belief": _choice(row, "reject_choice", "reject_choice_id", beliefs)}
+    return [_belief_pair(prompt, beliefs, target, pair, "", origin, extra)]
+
+
+def _same_beliefs(examples: list) -> list:
+    """Every pair of one prompt must give the same beliefs and shares; pairs of one prompt share a ``group``
+    (the row of its first pair)."""
+    import dataclasses
+
+    first: dict[str, BeliefExample] = {}
+    out = []
+    for ex in examples:
+        key = json.dumps(ex.prompt, sort_keys=True)
+        seen = first.setdefault(key, ex)
+        if (ex.beliefs, ex.target) != (seen.beliefs, seen.target) and (
+                ex.beliefs != seen.beliefs or max(abs(a - b) for a, b in zip(ex.target, seen.target)) > 1e-9):
+            where = seen.origin.line if seen.origin.line is not None else f"row {seen.origin.row}"
+            raise ex.origin.error(f"the same prompt has other beliefs or shares at {where}: "
+                                  f"{dict(zip(seen.beliefs, seen.target))}", "beliefs")
+        out.append(ex if ex.group == seen.group else dataclasses.replace(ex, group=seen.group))
+    return out
+
+
 _PAIR_OPTIONAL = ("margin", "soft_label")
 _EXPLICIT = _Format("prompt/chosen/rejected", ("prompt", "chosen", "rejected"), _explicit_pair, _PAIR_OPTIONAL)
 _IMPLICIT = _Format("chosen/rejected (implicit prompt)", ("chosen", "rejected"), _implicit_pair, _PAIR_OPTIONAL)
@@ -722,6 +891,14 @@ _FORMATS: dict[str, tuple[_Format, ...]] = {
     ),
     "prompt": (_Format("prompt", ("prompt",), _prompt_only),),
     "stepwise": (_Format("prompt/steps/labels", ("prompt", "steps", "labels"), _stepwise),),
+    "belief": (
+        _Format("prompt/beliefs/pairs", ("prompt", "beliefs", "pairs"), _belief_nested),
+        _Format("prompt/beliefs/belief/chosen/rejected", ("prompt", "beliefs", "belief", "chosen", "rejected"),
+                _belief_flat, ("rejected_belief",)),
+        _Format("GlobalOpinionQA (prompt/options/probabilities/accept_choice/accept_response/reject_response)",
+                ("prompt", "options", "probabilities", "accept_choice", "accept_response", "reject_response"),
+                _belief_opinionqa, ("context", "accept_choice_id", "reject_choice", "reject_choice_id")),
+    ),
 }
 
 
@@ -771,6 +948,8 @@ def load_examples(source: str, kind: str, *, skip_invalid: bool = False) -> Load
         raise DataError("no rows: the source is empty", path=source)
     if not loaded.examples:
         raise DataError(f"all {loaded.n_rows} rows are invalid; the first: {loaded.skipped[0]}", path=source)
+    if kind == "belief":
+        loaded.examples = _same_beliefs(loaded.examples)
     return loaded
 
 
@@ -788,6 +967,7 @@ _NOUNS = {
     "unpaired": ("unpaired example", "unpaired examples"),
     "prompt": ("prompt", "prompts"),
     "stepwise": ("stepwise example", "stepwise examples"),
+    "belief": ("belief-conditioned pair", "belief-conditioned pairs"),
 }
 
 

@@ -203,10 +203,12 @@ class EncodedData:
     n_dropped: int
 
 
-def encode_all(examples, tok, *, max_length: int, max_prompt_length: int | None, truncation: str) -> EncodedData:
+def encode_all(examples, tok, *, max_length: int, max_prompt_length: int | None, truncation: str,
+               encoder=None) -> EncodedData:
+    """Encode and fit every example; ``encoder(example, tok, index)``, if given, replaces :func:`encode`."""
     rows, n_trunc, n_drop = [], 0, 0
     for i, ex in enumerate(examples):
-        enc = fit(encode(ex, tok, i), max_length, max_prompt_length, truncation)
+        enc = fit((encoder or encode)(ex, tok, i), max_length, max_prompt_length, truncation)
         if enc is None:
             n_drop += 1
             continue

@@ -49,6 +49,10 @@ __all__ = [
     "orpo",
     "kto",
     "kto_reference_point",
+    "BeliefLogps",
+    "belief_calibration",
+    "belief_nll",
+    "gdpo",
 ]
 
 
@@ -406,6 +410,104 @@ def kto(
     return PreferenceOutput(losses_B, rewards_B[desirable_B], rewards_B[~desirable_B])
 
 
+@dataclass
+class BeliefLogps:
+    """A prompt's beliefs for GDPO, one row per pair, each of shape [B, K] (K: the most beliefs of any prompt).
+
+    ``logps``: sequence log-probability ``log pi(b_k | x)`` of each belief's text under the policy;
+    ``mask``: true on the prompt's real beliefs (padding is false); ``target``: the group's share ``p*(b_k | x)``
+    (0 on padding, summing to 1); ``index`` [B]: which belief the pair is conditioned on.
+    """
+
+    logps: Tensor
+    mask: Tensor
+    target: Tensor
+    index: Tensor
+
+
+def _belief_log_q(beliefs: BeliefLogps) -> Tensor:
+    """``log q(b_k | x)``, the model's belief distribution: the beliefs' sequence log-probs normalised over the
+    prompt's beliefs (a softmax over the real ones; ``-inf`` on padding)."""
+    logps = _f(beliefs.logps).masked_fill(~beliefs.mask.bool(), float("-inf"))
+    return torch.log_softmax(logps, dim=-1)
+
+
+def belief_calibration(beliefs: BeliefLogps) -> Tensor:
+    """GDPO's calibration term [B]: ``KL(p* || q) = sum_k p*_k (log p*_k - log q_k)`` over the prompt's beliefs,
+    with ``q`` the model's belief distribution (:func:`_belief_log_q`) and ``0 log 0 = 0``.
+
+    Scoring every belief by its whole sequence log-probability and normalising over the options lets a belief
+    be any text (a survey option, a star rating), not one token. The term is zero exactly when ``q = p*``.
+
+    Golden (two beliefs, logps ``(-1, -2)``, target ``(0.6, 0.4)``): ``log q = (-1, -2) - log(e^-1 + e^-2)
+    = (-0.3132616875, -1.3132616875)``, so
+    ``KL = 0.6 (ln 0.6 + 0.3132616875) + 0.4 (ln 0.4 + 1.3132616875) = 0.0402500205``. Three beliefs, logps
+    ``(-1, -2, -3)``, target ``(0.5, 0, 0.5)``: ``log q = (-0.4076059644, -1.4076059644, -2.4076059644)``,
+    ``KL = 0.5 (ln 0.5 + 0.4076059644) + 0.5 (ln 0.5 + 2.4076059644) = 0.7144587838`` (the empty belief adds 0).
+    """
+    log_q = _belief_log_q(beliefs)
+    target = _f(beliefs.target).to(log_q.dtype)
+    present = (target > 0) & beliefs.mask.bool()
+    terms = torch.where(present, target * (torch.log(target.clamp_min(1e-38)) - log_q), torch.zeros_like(log_q))
+    return terms.sum(-1)
+
+
+def belief_nll(beliefs: BeliefLogps) -> Tensor:
+    """GDPO's belief likelihood term [B]: ``-log pi(b_i | x)``, the negative sequence log-probability of the
+    pair's own belief (not normalised over the options: it also teaches the model to state a belief at all).
+
+    Annotators' beliefs are draws from ``p*``, so in expectation over a prompt's pairs this is the cross-entropy
+    ``-sum_k p*_k log pi(b_k | x)``, minimised by ``pi(b | x) = p*`` over the beliefs: the same optimum as the
+    calibration term (on finite data it pulls towards the pairs' empirical frequencies).
+
+    Golden (logps ``(-1, -2)``, index 1): ``2``.
+    """
+    return -_f(beliefs.logps).gather(-1, beliefs.index.long().unsqueeze(-1)).squeeze(-1)
+
+
+def gdpo(
+    batch: PairLogps,
+    *,
+    beliefs: BeliefLogps,
+    loss: str = "dpo",
+    calibration_weight: float = 1.0,
+    belief_nll_weight: float = 1.0,
+    preference_weight: float = 1.0,
+    **hparams,
+) -> PreferenceOutput:
+    """GDPO, Yao et al. 2024 (arXiv:2412.20299, ICLR 2025): group distributional preference optimisation.
+
+    The model factorises ``pi(b, y | x) = pi(b | x) pi(y | x, b)``: it states a belief, then answers given it.
+    Per pair (conditioned on belief ``b_i``):
+    ``loss = calibration_weight * KL(p* || q) + belief_nll_weight * (-log pi(b_i | x))
+    + preference_weight * L_pref(y_w, y_l | x, b_i)``, where ``L_pref`` is the registered paired loss
+    ``loss`` (DPO by default, taking its hyperparameters from ``hparams``) on the log-probs of the response
+    tokens AFTER the belief, so the preference is conditioned on it. See :func:`belief_calibration` and
+    :func:`belief_nll`.
+
+    Optimum: the belief terms depend on ``pi(b | x)`` only and the preference term on ``pi(y | x, b)`` only, so
+    they separate: the belief marginal goes to ``p*`` (where DPO on the pooled pairs, with shares p for y_1
+    over y_2, drives ``pi(y_1) / pi(y_2)`` to ``pi_ref(y_1) / pi_ref(y_2) * (p / (1 - p))^(1 / beta)``:
+    the majority takes nearly all the mass), and within each belief the preference loss reaches its own optimum.
+
+    Golden (batch G of the module docstring, beta = 0.5, weights (1, 1, 1), beliefs of the first pair logps
+    ``(-1, -2)`` target ``(0.6, 0.4)`` index 1, of the second logps ``(-1, -2, -3)`` target ``(0.5, 0, 0.5)``
+    index 0): ``DPO + KL + NLL = (0.3868710061 + 0.0402500205 + 2, 1.5019290813 + 0.7144587838 + 1)
+    = (2.4271210266, 3.2163878652)``. Rewards are the inner loss's. ``metrics``: ``calibration``,
+    ``belief_nll`` and ``preference`` per pair, and the inner loss's own.
+    """
+    inner = get_loss(loss)
+    if not inner.paired or inner.name == "gdpo":
+        raise ConfigError(f"GDPO's preference term must be a paired preference loss, got {loss!r}")
+    out = inner.fn(batch, **{k: hparams[k] for k in inner.hparams if k in hparams})
+    calibration_B, nll_B = belief_calibration(beliefs), belief_nll(beliefs)
+    pref_B = _f(out.losses)
+    losses_B = preference_weight * pref_B + calibration_weight * calibration_B + belief_nll_weight * nll_B
+    metrics = {**out.metrics, "calibration": calibration_B.detach(), "belief_nll": nll_B.detach(),
+               "preference": pref_B.detach()}
+    return PreferenceOutput(losses_B, out.chosen_rewards, out.rejected_rewards, metrics)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A registry entry. ``hparams``: names of the keyword hyperparameters ``fn`` takes, so a
@@ -431,6 +533,11 @@ PREFERENCE_LOSSES: dict[str, LossSpec] = {
         LossSpec("kto", kto, needs_reference=True, paired=False, hparams=("beta", "kto_lambda_d", "kto_lambda_u")),
         LossSpec("orpo", orpo, needs_reference=False, paired=True, hparams=("beta", "orpo_lambda")),
         LossSpec("simpo", simpo, needs_reference=False, paired=True, hparams=("beta", "gamma")),
+        # a composition: its preference term is another entry (``loss``), whose hyperparameters it passes on;
+        # whether it reads reference log-probs is that entry's needs_reference
+        LossSpec("gdpo", gdpo, needs_reference=True, paired=True,
+                 hparams=("loss", "calibration_weight", "belief_nll_weight", "preference_weight", "beta",
+                          "label_smoothing", "ipo_average", "gamma", "orpo_lambda")),
     )
 }
 

@@ -94,10 +94,11 @@ def load_training_data(cfg: TrainConfig, kind: str):
     return loaded
 
 
-def prepare(cfg: TrainConfig, kind: str, check: Callable[[list], None] | None = None) -> Prepared:
+def prepare(cfg: TrainConfig, kind: str, check: Callable[[list], None] | None = None, encoder=None) -> Prepared:
     """Validate the data (all of it) and the output directory before any model is loaded, then load the model,
     tokenize, split, save config. ``check``: called with every example (training and held out) before anything
-    is written, for a recipe's own checks of the data against its config."""
+    is written, for a recipe's own checks of the data against its config. ``encoder``: a recipe's own
+    ``(example, tok, index) -> Encoded`` in place of :func:`alignkit.data.tokenize.encode`."""
     dist.init()
     setup_logging()
     seed_everything(cfg.seed)
@@ -110,7 +111,8 @@ def prepare(cfg: TrainConfig, kind: str, check: Callable[[list], None] | None = 
     strategy.place(model, cfg.device)  # before any work outside the loop (DPO's reference pass, its "before" eval)
     if cfg.compile:
         log.info("torch.compile: %d decoder layers (compiled on the first step)", compile_layers(model))
-    enc_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None, truncation=cfg.truncation)
+    enc_args = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length or None, truncation=cfg.truncation,
+                    encoder=encoder)
     train, ev = encode_all(examples, tok, **enc_args), encode_all(held, tok, **enc_args)
     if train.n_truncated or train.n_dropped:
         log.info("over max_length=%d: %d rows truncated, %d dropped (truncation=%s)",

@@ -156,7 +156,9 @@ class PreferenceTask:
         stats = dist.all_reduce_sum(torch.tensor([total, float(len(rows))], dtype=torch.float64))
         self.z0 = kto_reference_point(stats[:1] / stats[1]).float()  # float64 is not on every device (MPS)
 
-    def loss(self, model, rows, normaliser):
+    def output(self, model, rows) -> tuple[PreferenceOutput, torch.Tensor, torch.Tensor]:
+        """The loss's output on ``rows``, with the policy's summed log-probs and token counts of the scored
+        responses ``[B, R]`` (chosen, rejected for pairs; the completion for KTO)."""
         ref = self.reference.logps(model, rows) if self.spec.needs_reference else None
         if self.spec.paired:
             lp, n = response_logps(model, rows, (0, 1), self.pad_id, self.chunk, self.shared)
@@ -165,17 +167,20 @@ class PreferenceTask:
             hparams = self.hparams
             if self.soft:
                 hparams = {**hparams, "label_smoothing": 1 - soft_labels(rows).to(lp.device)}
-            out = self.spec.fn(batch, **hparams)
-        else:
-            lp, n = response_logps(model, rows, (0,), self.pad_id, self.chunk)
-            desirable = torch.tensor([bool(r.label) for r in rows], device=lp.device)
-            out = self.spec.fn(UnpairedLogps(lp[:, 0], n[:, 0], ref[:, 0], desirable),
-                               reference_point=self.z0.to(lp.device), **self.hparams)
+            return self.spec.fn(batch, **hparams), lp, n
+        lp, n = response_logps(model, rows, (0,), self.pad_id, self.chunk)
+        desirable = torch.tensor([bool(r.label) for r in rows], device=lp.device)
+        out = self.spec.fn(UnpairedLogps(lp[:, 0], n[:, 0], ref[:, 0], desirable),
+                           reference_point=self.z0.to(lp.device), **self.hparams)
+        return out, lp, n
+
+    def loss(self, model, rows, normaliser):
+        out, lp, n = self.output(model, rows)
         total = out.losses.sum()
         metrics = {"loss": (total.item(), float(len(rows))), **reward_metrics(out, self.spec.paired)}
         if self.spec.paired:
             # the model's own preference, without the reference: summed and length-normalised log-probs
-            lp, avg = lp.detach(), lp.detach() / n
+            lp, avg = lp[:, :2].detach(), lp[:, :2].detach() / n[:, :2]
             metrics["logp_accuracy"] = (float((lp[:, 0] > lp[:, 1]).sum()), float(len(rows)))
             metrics["avg_logp_accuracy"] = (float((avg[:, 0] > avg[:, 1]).sum()), float(len(rows)))
         return total / normaliser, metrics
@@ -223,11 +228,18 @@ def uses_soft_labels(cfg: DPOConfig, examples: list) -> bool:
     return True
 
 
-def run(cfg: DPOConfig) -> dict:
+def run(cfg: DPOConfig, *, kind: str | None = None, check=None, encoder=None, task_cls=None, method: str = "") -> dict:
+    """Train with ``cfg.loss``. A recipe built on this one (GDPO) passes its data ``kind``, a ``check`` of the
+    examples, an ``encoder``, its task class (a :class:`PreferenceTask`) and the ``method`` written with the model."""
     spec = get_loss(cfg.loss)
     soft = []  # set by the check, before the model loads
-    p = prepare(cfg, "preference" if spec.paired else "unpaired",
-                check=lambda examples: soft.append(uses_soft_labels(cfg, examples)))
+
+    def check_all(examples):
+        soft.append(uses_soft_labels(cfg, examples))
+        if check is not None:
+            check(examples)
+
+    p = prepare(cfg, kind or ("preference" if spec.paired else "unpaired"), check=check_all, encoder=encoder)
     if not spec.paired:
         kto_rows(p.train)
         kto_rows(p.eval)
@@ -239,7 +251,7 @@ def run(cfg: DPOConfig) -> dict:
             strategy.prepare(reference.frozen, cfg)  # a frozen copy is sharded like the policy (no optimizer state)
         reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=resuming(cfg))
         reference.fill(p.model, p.eval, desc="reference (eval)")
-    task = PreferenceTask(cfg, pad, reference, soft=soft[0])
+    task = (task_cls or PreferenceTask)(cfg, pad, reference, soft=soft[0])
     evaluate_fn = (lambda: evaluate(task, p.model, p.eval, cfg.batch_size)) if p.eval else None
     before = {}
     if evaluate_fn is not None and not resuming(cfg):
@@ -252,7 +264,7 @@ def run(cfg: DPOConfig) -> dict:
         log.info("after training (held out):  %s", _fmt(after))
     summary = {"steps": result.steps, "eval_before": before, "eval_after": after,
                "train_last": {k: v for k, v in (result.history[-1] if result.history else {}).items() if not k.startswith("eval/")}}
-    save_final(p.model, p.tokenizer, cfg, f"dpo:{cfg.loss}", summary)
+    save_final(p.model, p.tokenizer, cfg, method or f"dpo:{cfg.loss}", summary)
     return summary
 
 
