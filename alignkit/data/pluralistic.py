@@ -4,10 +4,12 @@ GDPO (arXiv:2412.20299) trains a model to state a belief before it answers and c
 over a question's beliefs to the group's. Real opinion data needs a download and its stances cannot be checked
 by a rule, so this set is generated: pure Python, seeded, no network, the same rows on every machine.
 
-- Questions: a topic (``TOPICS``) put into a question template of a stance family (``FAMILIES``). A family is a
-  set of 2 to 5 stances (support/oppose/undecided, a rating scale, ...) with the questions it answers. The
-  number of stances cycles 2, 3, 4, 5 over the questions (then shuffled), so each size holds about a quarter.
-- Target shares: drawn from a symmetric Dirichlet, redrawn until the largest share lies in
+- Issues and questions: an issue is a stance family (``FAMILIES``: a set of 2 to 5 stances, support/oppose/
+  undecided, a rating scale, ...) on a topic (``TOPICS``), with one group's shares; the number of stances cycles
+  2, 3, 4, 5 over the issues (then shuffled), so each size holds about a quarter. A question is the topic put into
+  one of the family's two wordings; held-out questions are the second wording of issues trained on in the first
+  (:func:`build`), so the group's shares of a held-out question can be learned, and not as a string.
+- Target shares (one draw per issue): drawn from a symmetric Dirichlet, redrawn until the largest share lies in
   [``MAJORITY_MIN``, ``MAJORITY_MAX``] and every share is at least ``MIN_SHARE`` (a share rounded to 0 would be a
   stance no annotator holds); rounded to 3 decimals, the largest adjusted so they sum to exactly 1. The stances
   of each question are shuffled, so the majority is not always listed first.
@@ -33,7 +35,7 @@ from pathlib import Path
 from alignkit.data.beliefs import DEFAULT_TEMPLATE, render_belief
 
 NAME = "pluralistic"
-VERSION = 1  # bump when the generator changes, so that a cached copy is rebuilt
+VERSION = 2  # bump when the generator changes, so that a cached copy is rebuilt
 MAJORITY_MIN, MAJORITY_MAX = 0.45, 0.75
 MIN_SHARE = 0.02
 FILES = ("train.jsonl", "test.jsonl", "pooled_train.jsonl", "sft_train.jsonl")
@@ -239,27 +241,31 @@ def target_shares(rng: random.Random, k: int, concentration: float) -> list[floa
             return [m / 1000 for m in milli]
 
 
-def _questions(rng: random.Random, n: int) -> list[tuple[Family, str, str]]:
-    """``n`` distinct (family, question template, topic) with the stance counts cycling 2..5, shuffled."""
+def _issues(rng: random.Random, n: int) -> list[tuple[Family, str]]:
+    """``n`` distinct issues (family, topic), the number of stances cycling 2..5, shuffled."""
     sizes = sorted({len(f.stances) for f in FAMILIES})
-    pools = {k: [(f, q, t) for f in FAMILIES if len(f.stances) == k for q in f.questions for t in TOPICS]
-             for k in sizes}
+    pools = {k: [(f, t) for f in FAMILIES if len(f.stances) == k for t in TOPICS] for k in sizes}
     for pool in pools.values():
         rng.shuffle(pool)
     order = [sizes[i % len(sizes)] for i in range(n)]
     rng.shuffle(order)
     need = Counter(order)
     if any(need[k] > len(pools[k]) for k in sizes):
-        raise ValueError(f"{n} questions is more than the templates give ({sum(map(len, pools.values()))})")
+        raise ValueError(f"{n} issues is more than the families and topics give ({sum(map(len, pools.values()))})")
     return [pools[k].pop() for k in order]
 
 
-def _question_row(rng: random.Random, qid: str, family: Family, question: str, topic: str, annotators: int,
-                  concentration: float) -> dict:
-    """One belief row: the stances shuffled, their target shares, keywords and the annotators' pairs."""
+def _issue(rng: random.Random, family: Family, topic: str, concentration: float) -> dict:
+    """An issue's group: its stances in a shuffled order, their target shares and keywords."""
     stances = list(family.stances)
     rng.shuffle(stances)
-    shares = target_shares(rng, len(stances), concentration)
+    return {"family": family, "topic": topic, "stances": stances,
+            "shares": target_shares(rng, len(stances), concentration)}
+
+
+def _question_row(rng: random.Random, qid: str, issue: dict, question: str, annotators: int) -> dict:
+    """One belief row: a wording of the issue, its group's shares, keywords and the annotators' pairs."""
+    stances, shares, topic = issue["stances"], issue["shares"], issue["topic"]
     keywords = {s.name: list(s.keywords) for s in stances}
     pairs = []
     for _ in range(annotators):
@@ -285,18 +291,27 @@ def check_templates() -> None:
                     assert consistent(text, stance.name, keywords), (family.name, text)
 
 
-def build(n_train: int = 240, n_test: int = 60, annotators: int = 6, seed: int = 0,
+def build(n_issues: int = 150, n_test: int = 60, annotators: int = 6, seed: int = 0,
           concentration: float = 1.0) -> dict[str, list[dict]]:
     """The rows of every file: ``train``, ``test`` (belief rows), ``pooled_train`` (preference rows) and
-    ``sft_train`` (messages rows), keyed by file stem. The same arguments give the same rows."""
-    if annotators < 1 or n_train < 1 or n_test < 1 or concentration <= 0:
-        raise ValueError("n_train, n_test and annotators must be >= 1 and concentration > 0")
+    ``sft_train`` (messages rows), keyed by file stem. The same arguments give the same rows.
+
+    Each issue (a family's stances on a topic, with one group's shares) is asked in both of its family's wordings:
+    2 * ``n_issues`` questions. The held-out questions are the second wording of ``n_test`` issues whose first
+    wording is trained on; every other question is trained on. A group's view belongs to the issue, not to a
+    string, so held-out calibration shows that the model learned the group's shares, not a prompt's."""
+    if annotators < 1 or n_issues < 1 or not 1 <= n_test <= n_issues or concentration <= 0:
+        raise ValueError("n_issues and annotators must be >= 1, n_test in [1, n_issues], concentration > 0")
     check_templates()
     rng = random.Random(seed)
-    questions = _questions(rng, n_train + n_test)
-    rows = [_question_row(rng, f"q{i + 1:04d}", *question, annotators, concentration)
-            for i, question in enumerate(questions)]
-    train, test = rows[:n_train], rows[n_train:]
+    issues = [_issue(rng, family, topic, concentration) for family, topic in _issues(rng, n_issues)]
+    train_q = [(issue, issue["family"].questions[0]) for issue in issues]
+    train_q += [(issue, issue["family"].questions[1]) for issue in issues[n_test:]]
+    test_q = [(issue, issue["family"].questions[1]) for issue in issues[:n_test]]
+    rng.shuffle(train_q)
+    rows = [_question_row(rng, f"q{i + 1:04d}", issue, question, annotators)
+            for i, (issue, question) in enumerate(train_q + test_q)]
+    train, test = rows[:len(train_q)], rows[len(train_q):]
     pooled, sft = [], []
     for row in train:
         user = [{"role": "user", "content": row["prompt"]}]
@@ -337,10 +352,13 @@ def _card(rows: dict[str, list[dict]], params: dict) -> dict:
         "version": VERSION,
         "generator": "alignkit.data.pluralistic.build (pure Python, random.Random(seed); no downloads)",
         "parameters": params,
-        "target_shares": f"symmetric Dirichlet(concentration={params['concentration']}) over the question's "
-                         f"stances, redrawn until the majority share is in [{MAJORITY_MIN}, {MAJORITY_MAX}] and "
-                         f"every share is >= {MIN_SHARE}; rounded to 3 decimals, the largest adjusted to sum to 1; "
-                         "stances shuffled per question",
+        "issues": f"{params['n_issues']} issues, each a stance family on a topic with one group's shares, asked in "
+                  f"both of the family's wordings; held out: the second wording of {params['n_test']} issues whose "
+                  "first wording is trained on (the held-out prompts never appear in training, their issues do)",
+        "target_shares": f"one draw per issue from a symmetric Dirichlet(concentration={params['concentration']}) "
+                         f"over its stances, redrawn until the majority share is in [{MAJORITY_MIN}, {MAJORITY_MAX}] "
+                         f"and every share is >= {MIN_SHARE}; rounded to 3 decimals, the largest adjusted to sum to "
+                         "1; stances shuffled per issue",
         "stance_families": {f.name: [s.name for s in f.stances] for f in FAMILIES},
         "topics": len(TOPICS),
         "question_templates": sum(len(f.questions) for f in FAMILIES),
