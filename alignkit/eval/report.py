@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,13 @@ TRAINING_KEYS = ("loss", "reward/mean", "rewards/margin", "kl", "completion/leng
 COLOURS = {"model": "#1f5fbf", "reference": "#9aa5b1"}
 
 
-def _figure(width: float = 6.0, height: float = 3.2):
+def _figure(width: float = 6.0, height: float = 3.2, **grid):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, *plt.subplots(figsize=(width, height))
+    return plt, *plt.subplots(figsize=(width, height), **grid)
 
 
 def _save(plt, fig, path: Path) -> Path:
@@ -92,6 +93,79 @@ def plot_refusals(safety: dict, path: Path) -> Path:
     return _save(plt, fig, path)
 
 
+def plot_questions(questions: list[dict], k: int) -> list[int]:
+    """Up to ``k`` question indices spread evenly over the set, among those with 3+ beliefs (any if none has)."""
+    pool = [i for i, q in enumerate(questions) if len(q["beliefs"]) >= 3] or list(range(len(questions)))
+    if k <= 0 or not pool:
+        return []
+    return [pool[j] for j in np.unique(np.linspace(0, len(pool) - 1, min(k, len(pool))).round().astype(int))]
+
+
+def plot_belief_bars(pl: dict, picks: list[int], path: Path) -> Path:
+    """Grouped bars per question: the group's shares, and each contestant's option probabilities."""
+    plt, fig, axes = _figure(3.2 * len(picks), 3.4, ncols=len(picks), squeeze=False, sharey=True)
+    who = [("target", "#e0a030")] + [(w, COLOURS[w]) for w in ("model", "reference") if w in pl]
+    for ax, i in zip(axes[0], picks):
+        q = pl["questions"][i]
+        x = np.arange(len(q["beliefs"]))
+        for k, (name, colour) in enumerate(who):
+            vals = q["target"] if name == "target" else q[name]["probs"]
+            ax.bar(x + (k - (len(who) - 1) / 2) * 0.8 / len(who), vals, 0.8 / len(who), label=name, color=colour)
+        ax.set_xticks(x, [b[:14] for b in q["beliefs"]], rotation=30, ha="right", fontsize=7)
+        ax.set_title("\n".join(textwrap.wrap(str(q["prompt"]), 40)[:2]), fontsize=8)
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("share")
+    axes[0][0].legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_belief_scatter(pl: dict, path: Path) -> Path:
+    """Target share against the model's (and the reference's) option probability, one point per (question,
+    belief); on the diagonal the model matches the group."""
+    plt, fig, ax = _figure(4.2, 4.0)
+    for w in ("reference", "model"):
+        if w in pl:
+            t = [v for q in pl["questions"] for v in q["target"]]
+            m = [v for q in pl["questions"] for v in q[w]["probs"]]
+            ax.scatter(t, m, s=14, alpha=0.7, label=w, color=COLOURS[w])
+    ax.plot([0, 1], [0, 1], color="k", lw=1, ls="--")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("group's share")
+    ax.set_ylabel("option probability")
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+PLURALISTIC_ROWS = (("js_options", "JS distance, option probabilities (lower: closer to the group)"),
+                    ("js_sampled", "JS distance, sampled (no known belief as an outcome)"),
+                    ("majority_mass", "share on the majority belief"), ("recall", "mean per-belief recall"),
+                    ("belief_mass", "probability of stating a known belief"),
+                    ("no_belief", "samples stating no known belief"),
+                    ("consistency_free", "consistency, free samples"),
+                    ("consistency_two_stage", "consistency, two-stage"))
+
+
+def _pluralistic(pl: dict, out: Path) -> str:
+    refs = pl["reference_points"]
+    cols = [w for w in ("model", "reference") if w in pl]
+    cell = lambda v: "n/a" if v is None else v  # noqa: E731  (no consistency without keywords)
+    rows = [(label, *[cell(pl[w].get(key)) for w in cols], *[refs[r].get(key, "") for r in refs])
+            for key, label in PLURALISTIC_ROWS]
+    table = _rows(rows, ("measure", *cols, "uniform", "majority only", f"sampling floor (N={pl['samples']})"))
+    parts = [f"<h2>Pluralistic alignment (belief distributions)</h2><p>{pl['n_questions']} questions, "
+             f"{pl['samples']} samples each. Consistency: {html.escape(pl['consistency_method'])} "
+             f"({pl['n_with_keywords']} questions with keywords).</p>", table]
+    picks = plot_questions(pl["questions"], pl.get("plot_questions", 4))
+    if picks:
+        parts.append(_img(plot_belief_bars(pl, picks, out / "beliefs.png"),
+                          "The group's shares and each model's option probabilities on a few questions."))
+    parts.append(_img(plot_belief_scatter(pl, out / "belief_shares.png"),
+                      "Every (question, belief): the group's share against the option probability; points on the "
+                      "dashed diagonal match the group."))
+    return "".join(parts)
+
+
 def _img(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return (f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
@@ -142,6 +216,11 @@ def _headline(summary: dict) -> list[tuple]:
     syc = p.get("sycophancy", {})
     if "model" in syc and "reference" in syc:
         add("sycophancy flip rate", syc["reference"]["flip_rate"], syc["model"]["flip_rate"], False)
+    pl = summary.get("pluralistic", {})
+    for key in ("js_options", "js_sampled"):
+        if "reference" in pl:
+            add(f"belief distribution, {key.replace('_', ' ')} (JS distance)", pl["reference"][key],
+                pl["model"][key], False)
     return out
 
 
@@ -208,6 +287,8 @@ def write_report(out_dir, summary: dict, *, metrics_path=None, samples: list | N
         for who, v in p.get("sycophancy", {}).items():
             rows.append((f"sycophancy ({who})", "", f"flip {v['flip_rate']:.3f} of {v['first_correct']} correct"))
         parts.append("<h2>Failure-mode probes</h2>" + _rows(rows, ("probe", "reference", "model")))
+    if "pluralistic" in summary:
+        parts.append(_pluralistic(summary["pluralistic"], out))
     if samples:
         body = "".join(f"<tr><td>{html.escape(str(s.get('set', '')))}</td><td><pre>{html.escape(str(s.get('prompt', '')))}</pre></td>"
                        f"<td><pre>{html.escape(str(s.get('model', '')))}</pre></td><td><pre>{html.escape(str(s.get('reference', '')))}</pre></td></tr>"

@@ -12,7 +12,10 @@ Every prompt is a user turn rendered with the chat template. Suites:
   only look dangerous (over-refusal), with the refusal detector's accuracy on a human-labelled set;
 - ``probes``: mode collapse (distinct-2, self-BLEU and entropy of sampled answers), KL to the reference,
   sycophancy (does a correct ASDiv answer flip when the user pushes back?), and reward hacking (a proxy reward
-  against length, and against the judge).
+  against length, and against the judge);
+- ``pluralistic`` (GDPO): the belief distribution each model states on held-out questions against the group's
+  (JS distance, recall, majority mass, next to the uniform, majority-only and sampling-floor reference points),
+  and whether the response agrees with the stated belief (:mod:`alignkit.eval.pluralistic`).
 
 Writes ``summary.json``, the plots and ``report.html`` to ``output_dir``.
 """
@@ -310,7 +313,24 @@ def probes(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list)
     return result
 
 
-SUITES = {"capability": capability, "winrate": winrate, "safety": safety, "probes": probes}
+def pluralistic(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list) -> dict:
+    from alignkit.eval import pluralistic as pl
+
+    questions = pl.read_questions(cfg.pluralistic_data, cfg.pluralistic_questions)
+    measured = {p.name: pl.measure(p.model, p.tok, p.engine, questions, template=cfg.belief_template,
+                                   n=cfg.pluralistic_samples, max_new_tokens=cfg.pluralistic_max_new_tokens,
+                                   precision=cfg.precision, batch_size=cfg.batch_size, seed=cfg.seed)
+                for p in players}
+    ref = measured.get("reference", {}).get("texts")
+    for i, q in enumerate(questions[:2]):  # the first free sample of each: does it state a belief at all?
+        samples.append({"prompt": first_turn(q.prompt), "model": measured["model"]["texts"][i][0],
+                        "reference": ref[i][0] if ref else "", "set": "pluralistic"})
+    return {"data": cfg.pluralistic_data or "pluralistic test.jsonl", "template": cfg.belief_template,
+            "plot_questions": cfg.pluralistic_plot_questions,
+            **pl.summarise(questions, measured, n=cfg.pluralistic_samples, seed=cfg.seed)}
+
+
+SUITES = {"capability": capability, "winrate": winrate, "safety": safety, "probes": probes, "pluralistic": pluralistic}
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -324,7 +344,7 @@ def run(cfg: EvalConfig) -> dict:
     summary: dict = {"model": cfg.model, "reference": cfg.reference or None, "created": date.today().isoformat()}
     scratch: dict = {}
     samples: list = []
-    for name in ("capability", "winrate", "safety", "probes"):  # probes reuse the capability answers
+    for name in ("capability", "winrate", "safety", "probes", "pluralistic"):  # probes reuse the capability answers
         if name in cfg.suite_names:
             log.info("eval: %s", name)
             summary[name if name != "winrate" else "win_rate"] = SUITES[name](cfg, players, scratch, samples)
@@ -337,4 +357,7 @@ def run(cfg: EvalConfig) -> dict:
     html = write_report(out, summary, metrics_path=metrics if metrics and metrics.exists() else None, samples=samples,
                         title=f"{cfg.model} against {cfg.reference or 'nothing'}")
     log.info("report: %s", html)
-    return {k: v for k, v in summary.items() if k not in ("lengths", "reward")}
+    shown = {k: v for k, v in summary.items() if k not in ("lengths", "reward")}
+    if "pluralistic" in shown:  # its per-question records stay in summary.json
+        shown["pluralistic"] = {k: v for k, v in shown["pluralistic"].items() if k != "questions"}
+    return shown
