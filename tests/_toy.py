@@ -58,6 +58,17 @@ def preference_jsonl(directory, n: int = 16, seed: int = 0, name: str = "prefere
     return _write(directory, name, rows)
 
 
+def belief_jsonl(directory, n: int = 16, seed: int = 0, name: str = "belief.jsonl") -> Path:
+    """Belief-conditioned pairs (GDPO): each prompt has 2 or 3 beliefs (digits) with shares; the chosen answer
+    names the pair's belief, the rejected another, in different wordings."""
+    rows = []
+    for i, (prompt, hi, lo, k) in enumerate(_pairs(n, seed)):
+        beliefs = {str(hi): 0.6, str(lo): 0.4} if i % 2 else {str(hi): 0.5, str(lo): 0.3, "x": 0.2}
+        rows.append({"prompt": prompt, "beliefs": beliefs, "belief": str(hi), "chosen": ANSWERS[k].format(x=hi),
+                     "rejected": ANSWERS[(k + 1) % len(ANSWERS)].format(x=lo)})
+    return _write(directory, name, rows)
+
+
 def sft_jsonl(directory, n: int = 16, seed: int = 0, name: str = "sft.jsonl") -> Path:
     """Prompt/completion rows whose completions (the larger digit) have 2 to 40 tokens."""
     rows = [{"prompt": p, "completion": ANSWERS[k].format(x=hi)} for p, hi, _, k in _pairs(n, seed)]

@@ -327,3 +327,71 @@ def test_gdpo_cli_on_the_tiny_model_learns_the_beliefs_and_the_preferences(tmp_p
                          timeout=120)
     assert run.returncode == 2 and f"{bad}:2" in run.stderr and "beliefs" in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------- the DPO recipe's options
+
+
+def _task_and_rows(tmp_path, share_prompt: bool, reference: str = "cached"):
+    import _toy
+    from alignkit.config import GDPOConfig, build
+    from alignkit.models.loading import tiny_model, tiny_tokenizer
+    from alignkit.recipes.dpo import Reference
+    from alignkit.recipes.gdpo import GDPOTask
+
+    cfg = build(GDPOConfig, overrides=dict(model="tiny", data="x", share_prompt=share_prompt, reference=reference, beta=0.5))
+    tok, model = tiny_tokenizer(), tiny_model(seed=3)
+    examples = load_examples(str(_toy.belief_jsonl(tmp_path, n=6)), "belief").examples
+    rows = [encode_belief_pair(e, tok, i, DEFAULT_TEMPLATE, 3) for i, e in enumerate(examples)]
+    ref = Reference(model, cfg.reference, tok.pad_token_id, cfg.logits_chunk, 4, "fp32", share_prompt)
+    ref.fill(model, rows, progress=False)
+    return GDPOTask(cfg, tok.pad_token_id, ref), model, rows
+
+
+def test_shared_prompt_and_live_reference_give_the_same_loss_as_separate_sequences(tmp_path):
+    """One sequence per row (prompt once, every response masked apart) equals one padded sequence per response;
+    a live reference equals the cached one. The beliefs' log-probs come out of the same pass."""
+    results = []
+    for share, reference in ((True, "cached"), (False, "cached"), (True, "live")):
+        task, model, rows = _task_and_rows(tmp_path, share, reference)
+        with torch.no_grad():
+            out, lp, n = task.output(model, rows)
+        results.append((out.losses, lp, n, out.metrics["calibration"]))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.allclose(a, b, atol=1e-5), (a, b)
+    losses, lp, n, calibration = results[0]
+    assert lp.shape == (6, 5) and (calibration > 0).all()
+    # the pair's responses are scored after the belief only: counts exclude the belief's tokens
+    _, _, rows = _task_and_rows(tmp_path, True)
+    belief_len = [len(r.responses[2 + r.extra["belief"]]) for r in rows]
+    assert n[:, 0].tolist() == [len(r.responses[0]) - b for r, b in zip(rows, belief_len)]
+
+
+def test_lora_bf16_resume_through_the_cli(tmp_path):
+    """LoRA with bf16 autocast and a cached reference: a run whose last checkpoint and final model are lost resumes
+    from the step-2 checkpoint (with the initial model's saved reference log-probs) to the same adapter."""
+    import os
+    import shutil
+
+    import _toy
+    from safetensors.torch import load_file
+
+    data = _toy.belief_jsonl(tmp_path, n=16)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "alignkit.cli", "gdpo", "model=tiny", f"data={data}", "batch_size=4", "lr=1e-3",
+           "lora=true", "lora_r=4", "save_merged=false", "precision=bf16", "progress=false", "max_steps=4",
+           "save_steps=2", f"output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
+    for lost in (out / "final", *sorted((out / "checkpoints").glob("step-*"))[1:]):
+        shutil.rmtree(lost)
+    again = subprocess.run([*cmd, "resume=true"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "reference log-probs loaded" in again.stderr
+    resumed = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert adapter.keys() == resumed.keys() and all(torch.equal(adapter[k], resumed[k]) for k in adapter)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

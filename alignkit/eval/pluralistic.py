@@ -209,6 +209,18 @@ def count_consistent(stated: Sequence[tuple[str, str]], keywords: dict | None,
     return sum(bool(rule(text, b, keywords)) for b, text in stated), len(stated)
 
 
+def belief_then_response(engine, tok, prompt_ids: list[list[int]], beliefs: list[Sequence[str]], probs, *,
+                         template: str, n: int, sampling, seed: int) -> list[list[tuple[str, str]]]:
+    """Two-stage generation, GDPO's inference: for each prompt, ``n`` beliefs drawn from ``probs`` (its
+    distribution over ``beliefs``, seeded), then a response generated after ``prompt + the belief's ids``, so the
+    answer is conditioned on the belief. ``[(belief, response text)] * n`` per prompt; one engine call."""
+    rng = np.random.default_rng(seed)
+    drawn = [rng.choice(len(b), size=n, p=np.asarray(p, dtype=float) / np.sum(p)) for b, p in zip(beliefs, probs)]
+    heads = [belief_ids(tok, template, b) for b in beliefs]
+    staged = engine.generate([prompt_ids[i] + heads[i][k] for i, d in enumerate(drawn) for k in d], 1, sampling)
+    return [[(beliefs[i][k], staged[i * n + j][0].text) for j, k in enumerate(d)] for i, d in enumerate(drawn)]
+
+
 def measure(model, tok, engine, questions: list[Question], *, template: str, n: int, max_new_tokens: int,
             precision: str, batch_size: int, seed: int) -> dict:
     """One contestant on the questions: option probabilities, ``n`` free samples per question (one engine call)
@@ -220,10 +232,8 @@ def measure(model, tok, engine, questions: list[Question], *, template: str, n: 
     probs, mass = zip(*(normalise(v) for v in option_logps(model, tok, questions, template, precision, batch_size)))
     ids = [prompt_ids(tok, _messages(q.prompt)) for q in questions]
     free = engine.generate(ids, n, sampling)
-    rng = np.random.default_rng(seed)
-    drawn = [rng.choice(len(q.beliefs), size=n, p=p) for q, p in zip(questions, probs)]
-    heads = [belief_ids(tok, template, q.beliefs) for q in questions]
-    staged = engine.generate([ids[i] + heads[i][k] for i, d in enumerate(drawn) for k in d], 1, sampling)
+    staged = belief_then_response(engine, tok, ids, [q.beliefs for q in questions], probs, template=template, n=n,
+                                  sampling=sampling, seed=seed)
     result: dict = {"probs": [p.tolist() for p in probs], "mass": list(mass), "counts": [], "none": [],
                     "free": [0, 0], "two_stage": [0, 0], "texts": []}
     for i, q in enumerate(questions):
@@ -232,7 +242,7 @@ def measure(model, tok, engine, questions: list[Question], *, template: str, n: 
         result["counts"].append(counts)
         result["none"].append(none)
         result["texts"].append(texts)
-        two = [(q.beliefs[k], staged[i * n + j][0].text) for j, k in enumerate(drawn[i])]
+        two = staged[i]
         for key, pairs in (("free", stated), ("two_stage", two)):
             c, m = count_consistent(pairs, q.keywords)
             result[key][0] += c
