@@ -6,8 +6,12 @@
    learns the form. Its belief distribution follows the annotators' frequencies, which are noisy draws from the
    group's shares.
 3. From the SFT model, with LoRA and the same steps, learning rate and beta:
-   - DPO on the pooled pairs (``pooled_train.jsonl``): each annotator prefers their belief and its answer to
-     another belief and its answer, so pooled pairs prefer the majority's with probability p;
+   - DPO on the pooled preference: for every two stances of a question, the larger share's answer over the other's
+     with soft label p_a / (p_a + p_b) (``pooled_soft_train.jsonl``). That is DPO's expected loss over the
+     annotators' pooled pairs, without their noise: the same optimum (the majority takes nearly all the mass at beta
+     0.1), reached in the steps a demonstration can afford. ``dpo_pairs=annotators`` trains on the annotators' hard
+     pooled pairs (``pooled_train.jsonl``) instead, which drift there far more slowly (each question's annotators
+     push both ways);
    - GDPO (``alignkit gdpo``) on the same annotations as belief-conditioned pairs, with the calibration to the
      group's shares.
 4. ``alignkit eval suites=pluralistic`` on the held-out questions: GDPO (model) against DPO (reference), and the SFT
@@ -36,12 +40,14 @@ from alignkit.recipes import dpo, evaluate, gdpo, sft  # noqa: E402
 
 DEFAULTS = dict(model="smollm2-135m-instruct", output_dir="outputs/pluralistic_demo", precision="auto", seed=0,
                 lora_r=16, sft_lr=2e-4, sft_epochs=1, lr=1e-4, epochs=1, beta=0.1, batch_size=8,
-                calibration_weight=1.0, belief_nll_weight=0.1, samples=16, questions=0)
+                calibration_weight=1.0, belief_nll_weight=0.1, samples=16, questions=0, dpo_pairs="soft")
 
 
 def settings(argv: list[str]) -> dict:
     s = {**DEFAULTS, **dict(a.split("=", 1) for a in argv)}
     s = {k: type(DEFAULTS[k])(v) if isinstance(DEFAULTS.get(k), (int, float)) else v for k, v in s.items()}
+    if s["dpo_pairs"] not in ("soft", "annotators"):
+        raise SystemExit(f"dpo_pairs must be soft or annotators, got {s['dpo_pairs']!r}")
     s["precision"] = resolve_precision({"precision": s["precision"]})["precision"]
     return s
 
@@ -68,8 +74,9 @@ def main(argv: list[str]) -> None:
     sft_model = str(out / "sft" / "final")
     pref = dict(model=sft_model, lr=s["lr"], epochs=s["epochs"], beta=s["beta"], batch_size=s["batch_size"], **lora)
     trained = {
-        "dpo": timed("DPO (pooled pairs)", dpo.run, build(DPOConfig, overrides=dict(
-            data=str(data / "pooled_train.jsonl"), output_dir=str(out / "dpo"), **pref))),
+        "dpo": timed("DPO (pooled preference)", dpo.run, build(DPOConfig, overrides=dict(
+            data=str(data / ("pooled_soft_train.jsonl" if s["dpo_pairs"] == "soft" else "pooled_train.jsonl")),
+            output_dir=str(out / "dpo"), **pref))),
         "gdpo": timed("GDPO", gdpo.run, build(GDPOConfig, overrides=dict(
             data=str(data / "train.jsonl"), output_dir=str(out / "gdpo"), calibration_weight=s["calibration_weight"],
             belief_nll_weight=s["belief_nll_weight"], **pref))),
@@ -117,7 +124,8 @@ def _f(x) -> str:
 
 def render(s: dict, plural: dict, gdpo_eval: dict, minutes: dict, total: float) -> str:
     refs = gdpo_eval["reference_points"]
-    rows = [("group's shares (target)", 0.0, refs["sampling_floor"]["js_sampled"], None, 1.0, None, None)]
+    majority = sum(max(q["target"]) for q in gdpo_eval["questions"]) / len(gdpo_eval["questions"])
+    rows = [("group's shares (target)", 0.0, refs["sampling_floor"]["js_sampled"], majority, 1.0, None, None)]
     for name in ("sft", "dpo", "gdpo"):
         m = plural[name]
         rows.append((name.upper(), m["js_options"], m["js_sampled"], m["majority_mass"], m["recall"],

@@ -136,6 +136,23 @@ def test_pooled_and_sft_rows(rows):
             p["rejected_belief"], p["rejected"])
 
 
+def test_pooled_soft_pairs_are_the_groups_preference_between_every_two_stances(rows):
+    """One pair per two stances of each train question, the larger share's answer chosen, soft_label p_a / (p_a + p_b),
+    each answer after its own belief line and of that stance by the keyword rule."""
+    soft = rows["pooled_soft_train"]
+    assert len(soft) == sum(len(r["beliefs"]) * (len(r["beliefs"]) - 1) // 2 for r in rows["train"])
+    by_id = {r["id"]: r for r in rows["train"]}
+    seen = set()
+    for pair in soft:
+        q = by_id[pair["id"]]
+        (a, ya), (b, yb) = (parse_belief(pair[side][0]["content"], DEFAULT_TEMPLATE, q["beliefs"]) for side in ("chosen", "rejected"))
+        assert consistent(ya, a, q["keywords"]) and consistent(yb, b, q["keywords"])
+        pa, pb = q["beliefs"][a], q["beliefs"][b]
+        assert pa >= pb and pair["soft_label"] == pytest.approx(pa / (pa + pb), abs=1e-6)
+        seen.add((pair["id"], frozenset((a, b))))
+    assert len(seen) == len(soft)  # every two stances once
+
+
 def test_fetch_through_the_cli(tmp_path, monkeypatch, capsys, rows):
     from alignkit.cli import main
 
@@ -152,6 +169,8 @@ def test_fetch_through_the_cli(tmp_path, monkeypatch, capsys, rows):
     assert train.examples[0].extra["keywords"] == rows["train"][0]["keywords"]
     assert abs(sum(train.examples[0].target) - 1) < 1e-9
     pooled = load_examples(str(out / "pooled_train.jsonl"), "preference")
+    soft = load_examples(str(out / "pooled_soft_train.jsonl"), "preference")
+    assert len(soft.examples) == len(rows["pooled_soft_train"]) and all(0.5 <= e.soft_label < 1 for e in soft.examples)
     sft = load_examples(str(out / "sft_train.jsonl"), "sft")
     assert len(pooled.examples) == len(sft.examples) == 1440 and sft.examples[0].shape == "messages"
     assert [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()] == rows["train"]

@@ -35,10 +35,10 @@ from pathlib import Path
 from alignkit.data.beliefs import DEFAULT_TEMPLATE, render_belief
 
 NAME = "pluralistic"
-VERSION = 2  # bump when the generator changes, so that a cached copy is rebuilt
+VERSION = 3  # bump when the generator changes, so that a cached copy is rebuilt
 MAJORITY_MIN, MAJORITY_MAX = 0.45, 0.75
 MIN_SHARE = 0.02
-FILES = ("train.jsonl", "test.jsonl", "pooled_train.jsonl", "sft_train.jsonl")
+FILES = ("train.jsonl", "test.jsonl", "pooled_train.jsonl", "pooled_soft_train.jsonl", "sft_train.jsonl")
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,31 @@ def build(n_issues: int = 150, n_test: int = 60, annotators: int = 6, seed: int 
             pooled.append({"prompt": user, "chosen": [{"role": "assistant", "content": own}],
                            "rejected": [{"role": "assistant", "content": other}], "id": row["id"]})
             sft.append({"messages": [*user, {"role": "assistant", "content": own}], "id": row["id"]})
-    return {"train": train, "test": test, "pooled_train": pooled, "sft_train": sft}
+    return {"train": train, "test": test, "pooled_train": pooled, "pooled_soft_train": _pooled_soft(rng, train),
+            "sft_train": sft}
+
+
+def _pooled_soft(rng: random.Random, train: list[dict]) -> list[dict]:
+    """The group's pooled preference itself, without the annotators' sampling noise: for every two stances a, b of
+    a train question (share p_a >= p_b), one pair (a's answer over b's, each after its belief line) with
+    ``soft_label = p_a / (p_a + p_b)``, the Bradley-Terry probability that the group prefers a to b. DPO's
+    expected loss over annotators who hold a or b is this pair's soft-label loss, so the optimum is the same as on
+    ``pooled_train`` (pi(a) / pi(b) = pi_ref(a) / pi_ref(b) * (p_a / p_b)^(1 / beta)) and it is reached in far
+    fewer steps: each pair pushes one way instead of annotators pushing both ways."""
+    families = {frozenset(st.name for st in f.stances): f for f in FAMILIES}
+    user = lambda row: [{"role": "user", "content": row["prompt"]}]  # noqa: E731
+    rows = []
+    for row in train:
+        topic = next(t for t in TOPICS if t in row["prompt"])
+        by_name = {st.name: st for st in families[frozenset(row["beliefs"])].stances}
+        ranked = sorted(row["beliefs"].items(), key=lambda kv: -kv[1])
+        for i, (a, pa) in enumerate(ranked):
+            for b, pb in ranked[i + 1:]:
+                turn = lambda name: [{"role": "assistant", "content": render_belief(  # noqa: E731
+                    DEFAULT_TEMPLATE, name) + rng.choice(by_name[name].responses).format(topic=topic)}]
+                rows.append({"prompt": user(row), "chosen": turn(a), "rejected": turn(b),
+                             "soft_label": round(pa / (pa + pb), 6), "id": row["id"]})
+    return rows
 
 
 def summary(rows: dict[str, list[dict]]) -> dict:
@@ -375,6 +399,9 @@ def _card(rows: dict[str, list[dict]], params: dict) -> dict:
                                        "chosen, rejected, rejected_belief}]",
             "pooled_train.jsonl": "the train pairs as plain DPO pairs (kind 'preference'): prompt [user], chosen / "
                                   "rejected [assistant: 'Belief: <belief>\\n' + response], id (the question)",
+            "pooled_soft_train.jsonl": "the group's pooled preference without annotator noise (kind 'preference'): "
+                                       "for every two stances a, b of a train question with p_a >= p_b, a's answer "
+                                       "over b's (each after its belief line), soft_label = p_a / (p_a + p_b); id",
             "sft_train.jsonl": "one row per train annotation (kind 'sft'): messages [user, assistant: 'Belief: "
                                "<belief>\\n' + chosen], id (the question)",
         },

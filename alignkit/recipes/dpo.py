@@ -62,9 +62,11 @@ def reference_off(model):
 class Reference:
     """Reference log-probs ``[B, R]`` for rows: cached on each row (``row.extra['ref']``) or computed live."""
 
-    def __init__(self, model, mode: str, pad_id: int, chunk: int, batch_size: int, precision: str, shared: bool):
+    def __init__(self, model, mode: str, pad_id: int, chunk: int, batch_size: int, precision: str, shared: bool,
+                 responses: tuple[int, ...] | None = None):
+        """``responses``: the indices the reference is needed for (default: every response of a row)."""
         self.mode, self.pad_id, self.chunk, self.batch_size, self.precision = mode, pad_id, chunk, batch_size, precision
-        self.shared = shared
+        self.shared, self.responses = shared, responses
         self.frozen = None
         if mode == "live" and not hasattr(model, "disable_adapter"):
             self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
@@ -73,7 +75,7 @@ class Reference:
         net = self.frozen if self.frozen is not None else model
         ctx = contextlib.nullcontext() if self.frozen is not None else reference_off(model)
         with torch.no_grad(), ctx:
-            n_resp = tuple(range(len(rows[0].responses)))
+            n_resp = self.responses or tuple(range(len(rows[0].responses)))
             return strategy.call(net, response_logps, net, rows, n_resp, self.pad_id, self.chunk, self.shared)[0]
 
     def fill(self, model, rows: list[Encoded], cache: Path | None = None, reuse: bool = False, desc: str = "reference",
@@ -228,9 +230,11 @@ def uses_soft_labels(cfg: DPOConfig, examples: list) -> bool:
     return True
 
 
-def run(cfg: DPOConfig, *, kind: str | None = None, check=None, encoder=None, task_cls=None, method: str = "") -> dict:
+def run(cfg: DPOConfig, *, kind: str | None = None, check=None, encoder=None, task_cls=None, method: str = "",
+        reference_responses: tuple[int, ...] | None = None) -> dict:
     """Train with ``cfg.loss``. A recipe built on this one (GDPO) passes its data ``kind``, a ``check`` of the
-    examples, an ``encoder``, its task class (a :class:`PreferenceTask`) and the ``method`` written with the model."""
+    examples, an ``encoder``, its task class (a :class:`PreferenceTask`), the responses of a row the reference is
+    needed for, and the ``method`` written with the model."""
     spec = get_loss(cfg.loss)
     soft = []  # set by the check, before the model loads
 
@@ -246,11 +250,12 @@ def run(cfg: DPOConfig, *, kind: str | None = None, check=None, encoder=None, ta
     pad = p.tokenizer.pad_token_id
     reference = None
     if spec.needs_reference:
-        reference = Reference(p.model, cfg.reference, pad, cfg.logits_chunk, cfg.batch_size, cfg.precision, cfg.share_prompt)
+        reference = Reference(p.model, cfg.reference, pad, cfg.logits_chunk, cfg.batch_size, cfg.precision, cfg.share_prompt,
+                              reference_responses)
         if reference.frozen is not None:
             strategy.prepare(reference.frozen, cfg)  # a frozen copy is sharded like the policy (no optimizer state)
-        reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=resuming(cfg))
-        reference.fill(p.model, p.eval, desc="reference (eval)")
+        reference.fill(p.model, p.train, p.out / "reference_logps.pt", reuse=resuming(cfg), progress=cfg.progress)
+        reference.fill(p.model, p.eval, desc="reference (eval)", progress=cfg.progress)
     task = (task_cls or PreferenceTask)(cfg, pad, reference, soft=soft[0])
     evaluate_fn = (lambda: evaluate(task, p.model, p.eval, cfg.batch_size)) if p.eval else None
     before = {}

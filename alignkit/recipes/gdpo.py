@@ -52,4 +52,4 @@ def run(cfg: GDPOConfig) -> dict:
         return encode_belief_pair(example, tok, index, cfg.belief_template, most[0])
 
     return dpo.run(cfg, kind="belief", check=lambda examples: most.append(max(len(e.beliefs) for e in examples)),
-                   encoder=encoder, task_cls=GDPOTask, method=f"gdpo:{cfg.loss}")
+                   encoder=encoder, task_cls=GDPOTask, method=f"gdpo:{cfg.loss}", reference_responses=(0, 1))
