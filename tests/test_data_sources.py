@@ -119,7 +119,8 @@ def test_unknown_name_lists_valid_names():
 
 def test_list_sources():
     names = [n for n, _ in list_sources()]
-    assert names == ["asdiv", "mmath", "mt-bench", "ifbench", "donotanswer", "harmbench", "advbench", "refusal", "asdiv-prefs"]
+    assert names == ["asdiv", "mmath", "mt-bench", "ifbench", "donotanswer", "harmbench", "advbench", "refusal", "asdiv-prefs",
+                     "pluralistic"]
     assert all(desc and "\n" not in desc for _, desc in list_sources())
 
 
