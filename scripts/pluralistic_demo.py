@@ -20,7 +20,8 @@
    belief-answer consistency by the keyword rule.
 
 Writes ``OUTPUT/report.md`` and ``OUTPUT/pluralistic_demo.json``; the GDPO-vs-DPO report with its plots is
-``OUTPUT/eval_gdpo/report.html``. Any setting can be overridden: ``python scripts/pluralistic_demo.py epochs=1``.
+``OUTPUT/eval_gdpo/report.html``. Any setting can be overridden: ``python scripts/pluralistic_demo.py epochs=1``;
+``resume=1`` keeps the stages an interrupted run finished (their final models and evaluations) and runs the rest.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from alignkit.recipes import dpo, evaluate, gdpo, sft  # noqa: E402
 
 DEFAULTS = dict(model="smollm2-135m-instruct", output_dir="outputs/pluralistic_demo", precision="auto", seed=0,
                 lora_r=16, sft_lr=2e-4, sft_epochs=1, lr=1e-4, epochs=1, beta=0.1, batch_size=8,
-                calibration_weight=1.0, belief_nll_weight=0.1, samples=16, questions=0, dpo_pairs="soft")
+                calibration_weight=1.0, belief_nll_weight=0.1, samples=16, questions=0, dpo_pairs="soft", resume=0)
 
 
 def settings(argv: list[str]) -> dict:
@@ -59,7 +60,11 @@ def main(argv: list[str]) -> None:
     data = fetch()
     minutes: dict[str, float] = {}
 
-    def timed(stage, fn, *args):
+    def timed(stage, fn, *args, done: Path | None = None):
+        """Run a stage, or with ``resume=true`` read back the result it wrote (``done``) in an earlier run."""
+        if s["resume"] and done is not None and done.exists():
+            print(f"[pluralistic demo] {stage}: kept from the earlier run ({done})", flush=True)
+            return json.loads(done.read_text())
         t = time.time()
         result = fn(*args)
         minutes[stage] = (time.time() - t) / 60
@@ -70,26 +75,33 @@ def main(argv: list[str]) -> None:
                 overwrite=True, progress=False, log_every=20)
     timed("SFT", sft.run, build(SFTConfig, overrides=dict(
         model=s["model"], data=str(data / "sft_train.jsonl"), output_dir=str(out / "sft"), lr=s["sft_lr"],
-        epochs=s["sft_epochs"], batch_size=16, **lora)))
+        epochs=s["sft_epochs"], batch_size=16, **lora)), done=out / "sft" / "final" / "alignkit.json")
     sft_model = str(out / "sft" / "final")
     pref = dict(model=sft_model, lr=s["lr"], epochs=s["epochs"], beta=s["beta"], batch_size=s["batch_size"], **lora)
     trained = {
         "dpo": timed("DPO (pooled preference)", dpo.run, build(DPOConfig, overrides=dict(
             data=str(data / ("pooled_soft_train.jsonl" if s["dpo_pairs"] == "soft" else "pooled_train.jsonl")),
-            output_dir=str(out / "dpo"), **pref))),
+            output_dir=str(out / "dpo"), **pref)), done=out / "dpo" / "final" / "alignkit.json"),
         "gdpo": timed("GDPO", gdpo.run, build(GDPOConfig, overrides=dict(
             data=str(data / "train.jsonl"), output_dir=str(out / "gdpo"), calibration_weight=s["calibration_weight"],
-            belief_nll_weight=s["belief_nll_weight"], **pref))),
+            belief_nll_weight=s["belief_nll_weight"], **pref)), done=out / "gdpo" / "final" / "alignkit.json"),
     }
 
     def evaluate_pair(model: str, reference: str, name: str) -> dict:
-        return evaluate.run(build(EvalConfig, overrides=dict(
+        evaluate.run(build(EvalConfig, overrides=dict(
             model=model, reference=reference, output_dir=str(out / f"eval_{name}"), suites="pluralistic",
             pluralistic_data=str(data / "test.jsonl"), pluralistic_samples=s["samples"],
             pluralistic_questions=s["questions"], precision=s["precision"], seed=s["seed"])))
+        return json.loads((out / f"eval_{name}" / "summary.json").read_text())  # with the per-question records
 
-    evals = {"gdpo": timed("eval GDPO vs DPO", evaluate_pair, str(out / "gdpo" / "final"), str(out / "dpo" / "final"), "gdpo"),
-             "sft": timed("eval SFT", measure_alone, sft_model, data / "test.jsonl", s)}
+    def sft_alone() -> dict:
+        result = measure_alone(sft_model, data / "test.jsonl", s)
+        (out / "eval_sft.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    evals = {"gdpo": timed("eval GDPO vs DPO", evaluate_pair, str(out / "gdpo" / "final"), str(out / "dpo" / "final"),
+                           "gdpo", done=out / "eval_gdpo" / "summary.json"),
+             "sft": timed("eval SFT", sft_alone, done=out / "eval_sft.json")}
     total = (time.time() - t0) / 60
     plural = {"sft": evals["sft"]["model"], "dpo": evals["gdpo"]["pluralistic"]["reference"],
               "gdpo": evals["gdpo"]["pluralistic"]["model"]}

@@ -63,7 +63,7 @@ FUZZ = int(os.environ.get("FUZZ_EXAMPLES", "0") or 0)
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 RECORD = {
     "sft": formats.SFTExample, "preference": formats.PreferenceExample, "unpaired": formats.UnpairedExample,
-    "prompt": formats.PromptExample, "stepwise": formats.StepwiseExample,
+    "prompt": formats.PromptExample, "stepwise": formats.StepwiseExample, "belief": formats.BeliefExample,
 }
 ALL_KEYS = sorted({k for fmts in formats._FORMATS.values() for fmt in fmts for k in fmt.keys + fmt.optional})
 
@@ -617,6 +617,7 @@ BIG_ROWS = {
     "unpaired": ({"prompt": None, "completion": "a", "label": True}, "prompt"),
     "prompt": ({"prompt": None, "answer": "4"}, "prompt"),
     "stepwise": ({"prompt": "q", "steps": ["a", None], "labels": [1, 0]}, "steps"),
+    "belief": ({"prompt": "q", "beliefs": {"a": 0.5, "b": 0.5}, "belief": "a", "chosen": None, "rejected": "no"}, "chosen"),
 }
 
 
@@ -661,7 +662,7 @@ def test_huge_fields(kind, suffix, megabytes, unit, where):
 
 CLI_METHOD = {
     "sft": ["sft"], "preference": ["dpo"], "unpaired": ["dpo", "loss=kto"], "stepwise": ["rm", "process=true"],
-    "prompt": ["grpo"],
+    "prompt": ["grpo"], "belief": ["gdpo"],
 }
 
 

@@ -19,6 +19,7 @@ import torch
 from alignkit.errors import ConfigError
 from alignkit.losses import (
     PREFERENCE_LOSSES,
+    BeliefLogps,
     PairLogps,
     UnpairedLogps,
     cdpo,
@@ -248,7 +249,7 @@ def test_nll_sum_golden_and_accumulation():
 
 
 def test_registry_keys_and_flags():
-    assert set(PREFERENCE_LOSSES) == {"dpo", "cdpo", "robust", "hinge", "ipo", "kto", "orpo", "simpo"}
+    assert set(PREFERENCE_LOSSES) == {"dpo", "cdpo", "robust", "hinge", "ipo", "kto", "orpo", "simpo", "gdpo"}
     assert {n for n, s in PREFERENCE_LOSSES.items() if not s.needs_reference} == {"orpo", "simpo"}
     assert {n for n, s in PREFERENCE_LOSSES.items() if not s.paired} == {"kto"}
     for name, spec in PREFERENCE_LOSSES.items():
@@ -279,7 +280,7 @@ def default_hparams(spec) -> dict:
     """Each hparam at the function's own default, read off its signature (eps 0.1 for the two
     label-smoothing losses, whose default 0 makes them DPO)."""
     params = inspect.signature(spec.fn).parameters
-    hp = {k: params[k].default for k in spec.hparams}
+    hp = {k: params[k].default for k in spec.hparams if k in params}  # gdpo passes the others to its inner loss
     if spec.name in ("cdpo", "robust"):
         hp["label_smoothing"] = 0.1
     return hp
@@ -289,6 +290,11 @@ def call(spec, logps: dict[str, torch.Tensor], **hp):
     """Call ``spec.fn`` on a batch built from ``logps``: paired losses read the first four keys
     as a pair; KTO reads chosen/rejected as two halves of a batch of 2B examples."""
     hp = hp or default_hparams(spec)
+    if spec.name == "gdpo":  # three beliefs per pair, the last one padding; the pair conditioned on belief 1
+        like = logps["chosen"].detach()
+        beliefs = BeliefLogps(torch.stack([like / 4, like / 2, like], -1), torch.tensor([[True, True, False]] * len(like)),
+                              torch.tensor([[0.7, 0.3, 0.0]] * len(like), dtype=like.dtype), torch.ones(len(like), dtype=torch.long))
+        return spec.fn(PairLogps(**logps), beliefs=beliefs, **hp)
     if spec.paired:
         return spec.fn(PairLogps(**logps), **hp)
     batch = UnpairedLogps(

@@ -2,12 +2,14 @@
 
 from alignkit.losses.preference import (
     PREFERENCE_LOSSES,
+    BeliefLogps,
     LossSpec,
     PairLogps,
     PreferenceOutput,
     UnpairedLogps,
     cdpo,
     dpo,
+    gdpo,
     get_loss,
     hinge,
     ipo,
@@ -22,6 +24,8 @@ from alignkit.losses.reward import STEP_AGGREGATIONS, RewardOutput, aggregate_st
 
 __all__ = [
     "PREFERENCE_LOSSES",
+    "BeliefLogps",
+    "gdpo",
     "LossSpec",
     "PairLogps",
     "PreferenceOutput",
