@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from alignkit.data.beliefs import DEFAULT_TEMPLATE, encode_belief_pair, parse_belief, render_belief, stated_belief
+from alignkit.data.beliefs import DEFAULT_TEMPLATE, encode_belief_pair, parse_belief, render_belief
 from alignkit.data.formats import load_examples
 from alignkit.errors import DataError
 from alignkit.losses.preference import PREFERENCE_LOSSES, BeliefLogps, PairLogps, belief_calibration, belief_nll, dpo, gdpo
@@ -283,12 +283,10 @@ def test_smollm2_tokenizes_the_belief_turn_the_same_whole_or_in_pieces():
         assert _ids(tok, head) + _ids(tok, rest) == _ids(tok, head + rest)
 
 
-def test_parse_and_stated_belief():
+def test_parse_belief():
     assert parse_belief("Belief: tea\nTea.", DEFAULT_TEMPLATE, ["tea", "coffee"]) == ("tea", "Tea.")
     assert parse_belief("Belief: teapot\nx", DEFAULT_TEMPLATE, ["tea"]) == (None, "Belief: teapot\nx")
     assert parse_belief("I like tea", DEFAULT_TEMPLATE, ["tea"]) == (None, "I like tea")
-    assert stated_belief("Belief: milk\nMilk.", DEFAULT_TEMPLATE) == "milk"
-    assert stated_belief("Milk.", DEFAULT_TEMPLATE) is None
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

@@ -17,8 +17,6 @@ and cached reference log-probs have one shape; ``extra["n_beliefs"]`` says how m
 
 from __future__ import annotations
 
-import re
-
 from alignkit.data.tokenize import Encoded, _chat_split, _ids
 from alignkit.errors import DataError
 
@@ -48,15 +46,8 @@ def parse_belief(text: str, template: str, beliefs) -> tuple[str | None, str]:
     return None, text
 
 
-def stated_belief(text: str, template: str) -> str | None:
-    """Whatever the text states in the belief slot (known belief or not): the text between the template's
-    prefix and suffix, or None when the text does not start with the prefix or has no suffix."""
-    prefix, suffix = template.split("{belief}")
-    m = re.match(re.escape(prefix) + r"(.*?)" + re.escape(suffix), text, re.S)
-    return m.group(1) if m else None
-
-
-def _as_messages(prompt) -> list:
+def as_user_turn(prompt) -> list:
+    """A prompt as messages: a string becomes one user turn (as generation renders it)."""
     return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
 
@@ -64,7 +55,7 @@ def prompt_and_rest(tok, prompt, belief_text: str, response: str, origin=None) -
     """``(prompt ids, ids of the turn after the belief)``: with a chat template the prompt is a user turn and the
     rest holds what the template adds after the content (its end of turn); without one, plain text and EOS."""
     if getattr(tok, "chat_template", None):
-        p_text, r_text = _chat_split(tok, _as_messages(prompt), belief_text + response, origin)
+        p_text, r_text = _chat_split(tok, as_user_turn(prompt), belief_text + response, origin)
         if not r_text.startswith(belief_text):
             raise DataError("the chat template changes the start of the assistant turn, so the belief cannot be "
                             "placed in it", path=getattr(origin, "path", None), line=getattr(origin, "line", None))

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from alignkit.data.beliefs import belief_ids, parse_belief
+from alignkit.data.beliefs import as_user_turn, belief_ids, parse_belief
 from alignkit.data.tokenize import Encoded, prompt_ids
 
 CONSISTENCY_METHOD = ("keyword rule (alignkit.data.pluralistic.consistent) on the response after the belief; "
@@ -146,10 +146,6 @@ def read_questions(path: str, limit: int = 0) -> list[Question]:
     return out[:limit] if limit > 0 else out
 
 
-def _messages(prompt) -> list:
-    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-
-
 @torch.no_grad()
 def option_logps(model, tok, questions: list[Question], template: str, precision: str,
                  batch_size: int = 64) -> list[np.ndarray]:
@@ -167,7 +163,7 @@ def option_logps(model, tok, questions: list[Question], template: str, precision
         idx = list(group)
         step = max(1, batch_size // k)
         for s in range(0, len(idx), step):
-            rows = [Encoded(prompt_ids(tok, _messages(questions[i].prompt)),
+            rows = [Encoded(prompt_ids(tok, as_user_turn(questions[i].prompt)),
                             belief_ids(tok, template, questions[i].beliefs), i) for i in idx[s : s + step]]
             with autocast(precision, device):
                 lp, _ = response_logps(model, rows, tuple(range(k)), tok.pad_token_id, chunk=1024)
@@ -230,7 +226,7 @@ def measure(model, tok, engine, questions: list[Question], *, template: str, n: 
 
     sampling = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
     probs, mass = zip(*(normalise(v) for v in option_logps(model, tok, questions, template, precision, batch_size)))
-    ids = [prompt_ids(tok, _messages(q.prompt)) for q in questions]
+    ids = [prompt_ids(tok, as_user_turn(q.prompt)) for q in questions]
     free = engine.generate(ids, n, sampling)
     staged = belief_then_response(engine, tok, ids, [q.beliefs for q in questions], probs, template=template, n=n,
                                   sampling=sampling, seed=seed)
