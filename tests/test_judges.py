@@ -12,12 +12,12 @@ from alignkit.feedback import (
     LLMJudge,
     PairwiseJudge,
     RewardJudge,
-    agreement,
     combine_orders,
     judge_both_orders,
     judge_from_spec,
     parse_verdict,
 )
+from alignkit.feedback.judges import agreement
 from alignkit.models.loading import load_model
 from alignkit.rl.rewards import RewardContext, RewardSet
 

@@ -1,4 +1,9 @@
-"""Feedback for alignment: pairwise judges (reward-based, local LLM, OpenAI-compatible endpoint)."""
+"""Feedback for alignment: pairwise judges (reward-based, local LLM, OpenAI-compatible endpoint), Constitutional
+AI, and human feedback (the app: :mod:`~alignkit.feedback.store`, :mod:`~alignkit.feedback.app`; agreement metrics:
+:mod:`~alignkit.feedback.agreement`; ratings: :mod:`~alignkit.feedback.ratings`).
+
+``agreement`` here is the submodule of agreement metrics; the judges' agreement rate is
+:func:`alignkit.feedback.judges.agreement`."""
 
 from alignkit.feedback.judges import (
     JUDGE_TEMPLATE,
@@ -6,7 +11,6 @@ from alignkit.feedback.judges import (
     LLMJudge,
     PairwiseJudge,
     RewardJudge,
-    agreement,
     combine_orders,
     judge_both_orders,
     judge_from_spec,
@@ -19,7 +23,6 @@ __all__ = [
     "LLMJudge",
     "PairwiseJudge",
     "RewardJudge",
-    "agreement",
     "combine_orders",
     "judge_both_orders",
     "judge_from_spec",
