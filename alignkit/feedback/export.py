@@ -79,7 +79,7 @@ def kept_votes(store: SQLiteStore, project: str, *, min_annotator_agreement: flo
     if not m["annotators"]:
         return votes, {"annotators": [], "items": []}
     keep_a, keep_u, reasons = agreement.filter_ratings(
-        m["ratings"], min_item_alpha=min_item_agreement, min_annotator_agreement=min_annotator_agreement,
+        m["ratings"], min_item_agreement=min_item_agreement, min_annotator_agreement=min_annotator_agreement,
         gold_min_accuracy=gold_min_accuracy, gold=m["gold"])
     dropped_annotators = {a for a, k in zip(m["annotators"], keep_a) if not k}
     dropped_items = {u[0] for u, k in zip(m["units"], keep_u) if not k}

@@ -38,7 +38,7 @@ def project_stats(store: SQLiteStore, project: str, bootstrap_rounds: int = 200,
             agree["fleiss_kappa"] = _num(agreement.fleiss_kappa(x[:, multi]))
     stats["agreement"] = agree
     report = agreement.annotator_report(x, gold=m["gold"], level=level) if x.size else []
-    stats["annotators"] = [{"annotator": name, **{k: _num(v) if isinstance(v, float) else v for k, v in r.items()}}
+    stats["annotators"] = [{**{k: _num(v) if isinstance(v, float) else v for k, v in r.items()}, "annotator": name}
                            for name, r in zip(m["annotators"], report)]
     fights = battles(store, project) if leaderboard else []
     stats["leaderboard"] = (ratings.leaderboard_rows(ratings.bootstrap_ratings(fights, rounds=bootstrap_rounds))
@@ -61,7 +61,7 @@ def plot_png(store: SQLiteStore, project: str, name: str) -> bytes:
         rows = project_stats(store, project, leaderboard=False)["annotators"]
         names = [r["annotator"] for r in rows]
         pos = np.arange(len(names))
-        for k, (key, label) in enumerate((("consensus_agreement", "agreement with the others' consensus"),
+        for k, (key, label) in enumerate((("agreement", "agreement with the others' consensus"),
                                           ("gold_accuracy", "accuracy on gold items"))):
             values = [r.get(key) if r.get(key) is not None else np.nan for r in rows]
             ax.bar(pos + (k - 0.5) * 0.4, values, width=0.4, label=label)
