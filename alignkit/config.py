@@ -548,6 +548,56 @@ class SelfRewardConfig(RolloutConfig, DPOConfig):
 
 
 @dataclass
+class LoopConfig(RolloutConfig, DPOConfig):
+    """The continuous loop (alignkit.recipes.loop): propose pairs -> collect votes -> gate -> reward model ->
+    re-align -> compare -> promote or roll back, round after round."""
+
+    rounds: int = opt(3, "Rounds; each writes output_dir/round_K.")
+    store: str = opt("", "The feedback store (SQLite file) annotators vote in; empty: output_dir/feedback.sqlite.")
+    project: str = opt("loop", "The store's pairwise project for the loop's items (created if missing).")
+    items_per_round: int = opt(32, "Training prompts proposed per round, each as a pair of two samples of the current policy.")
+    pool_factor: int = opt(1, "Propose pool_factor x items_per_round pairs; with selection=uncertain the annotators see first those the reward model is least sure of.")
+    selection: str = opt("uniform", "Which proposed pairs annotators see first: uniform (random order) or uncertain (|P(a > b) - 1/2| smallest under the current reward model: active selection).", ("uniform", "uncertain"))
+    overlap: int = opt(3, "Distinct annotators per item.")
+    lease_seconds: float = opt(600.0, "How long an annotator holds a task before it goes back to the queue.")
+    gold_rate: float = opt(0.0, "Share of tasks drawn from gold items (items with a known answer).")
+    min_items: int = opt(16, "Gate: items of the round that must be complete (overlap votes) before training.")
+    min_agreement: float = opt(0.0, "Gate: the round's pairwise agreement must reach this, else the run stops (status blocked).")
+    min_annotator_agreement: float = opt(0.0, "Drop annotators whose agreement with the others' consensus is below this before training (0: keep all).")
+    crowd: str = opt("", "Simulate the annotators: their hidden utility as reward functions (e.g. correctness, a file.py:function); empty: people vote in `alignkit feedback serve`.", list_as="comma")
+    crowd_weights: str = opt("", "Weights of the crowd's utility functions (default: all 1).", list_as="comma")
+    crowd_size: int = opt(8, "Simulated annotators.")
+    crowd_adversarial: float = opt(0.0, "Share of the simulated annotators who vote against their own judgement.")
+    crowd_temperature: float = opt(1.0, "Noise of the simulated votes: P(a > b) = sigmoid((u(a) - u(b)) / temperature).")
+    crowd_votes: int = opt(0, "Votes the simulated crowd casts per round (0: until every open item is complete).")
+    rm_model: str = opt("", "The reward model's starting point in round 1 (default: model); later rounds warm-start from the last one.")
+    rm_lr: float = opt(1e-5, "Learning rate of the reward model's training.")
+    rm_epochs: float = opt(1.0, "Passes over all the votes so far when the reward model is retrained.")
+    align: str = opt("dpo", "Re-alignment: dpo (DPO on the round's voted pairs), rm (DPO on best-vs-worst of num_generations samples by the new reward model), or none (only the reward model learns; the policy stays).", ("dpo", "rm", "none"))
+    compare_prompts: int = opt(64, "Held-out prompts the new policy and the current one are compared on (0: all).")
+    promote_min_win_rate: float = opt(0.5, "Promote the new policy when its win rate against the current one is at least this; else roll back.")
+    rewards: str = opt("", "Not used (the crowd or people judge).", list_as="comma")
+    num_generations: int = opt(4, "align=rm: samples per prompt, the reward model's best against its worst.")
+    eval_fraction: float = opt(0.2, "Share of the prompts held out: the reward model's gold set and the policies' comparison.")
+    batch_size: int = opt(8, "Pairs per micro-batch of the reward model's and the policy's training.")
+    lr: float = _like(DPOConfig, "lr")
+    steps_are_rollouts = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss == "kto":
+            raise ConfigError("the loop trains on pairs: choose a paired loss, not kto")
+        if min(self.rounds, self.items_per_round, self.pool_factor, self.overlap, self.crowd_size) < 1:
+            raise ConfigError("rounds, items_per_round, pool_factor, overlap and crowd_size must be >= 1")
+        if not 0 <= self.crowd_adversarial <= 1 or self.crowd_temperature <= 0 or self.crowd_votes < 0:
+            raise ConfigError("need 0 <= crowd_adversarial <= 1, crowd_temperature > 0 and crowd_votes >= 0")
+        if not 0 <= self.promote_min_win_rate <= 1 or not 0 <= self.min_agreement <= 1:
+            raise ConfigError("promote_min_win_rate and min_agreement are shares in [0, 1]")
+        if self.align == "rm" and self.num_generations < 2:
+            raise ConfigError("align=rm pairs the best and worst of num_generations samples: need >= 2")
+
+
+@dataclass
 class EvalConfig:
     """``alignkit eval``: a model against its reference on capability, win rate, safety and failure-mode probes."""
 

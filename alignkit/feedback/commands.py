@@ -7,6 +7,7 @@
     alignkit feedback serve fb.sqlite --port 8000 [--model a=MODEL --model b=MODEL]   # arena models
     alignkit feedback stats fb.sqlite helpful
     alignkit feedback export fb.sqlite helpful --format pairs --out pairs.jsonl --min-annotator-agreement 0.6
+    alignkit feedback loop data=prompts.jsonl store=fb.sqlite ...   # the same as `alignkit loop` (its --help)
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ def _existing(db: str):
 def main(argv: list[str]) -> int:
     from alignkit.feedback.store import FeedbackError, SQLiteStore
 
+    if argv[:1] == ["loop"]:  # the loop is a recipe with key=value settings: `alignkit loop`
+        from alignkit.cli import _method
+
+        return _method("loop", argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.action == "init":

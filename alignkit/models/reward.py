@@ -49,7 +49,9 @@ class RewardMeta:
 def load_reward_backbone(name: str, n_heads: int, *, lora: LoraSettings | None = None, seed: int = 0):
     """A sequence-classification model with ``n_heads`` outputs on the trunk of the causal LM ``name``.
 
-    The heads start from small random weights (seeded); the trunk's weights are the language model's.
+    The heads start from small random weights (seeded); the trunk's weights are the language model's. ``name``
+    may be a reward model alignkit saved (its directory, with ``alignkit_rm.json``): then the heads keep their
+    trained weights too (a warm start, as the feedback loop retrains each round's reward model).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -69,7 +71,8 @@ def load_reward_backbone(name: str, n_heads: int, *, lora: LoraSettings | None =
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot load model '{name}' as a reward model: {e}") from None
             tok = load_tokenizer(name)
-        torch.nn.init.normal_(model.score.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
+        if not (name != "tiny" and (Path(str(resolve_model(name))) / META).is_file()):  # a trained RM: warm start
+            torch.nn.init.normal_(model.score.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
     model.config.pad_token_id = tok.pad_token_id
     model.config.use_cache = False
     if lora is not None:
