@@ -122,8 +122,10 @@ def test_active_selection_shows_the_reward_models_least_certain_pairs_first(tmp_
     scorer = RewardScorer.load(s["rounds"][0]["reward_model"])
     r = scorer.score([it["prompt"] for it in items for _ in range(2)],
                      [x["text"] for it in items for x in it["responses"]]).tolist()
-    want = [-abs(1 / (1 + math.exp(-(r[2 * i] - r[2 * i + 1]))) - 0.5) for i in range(len(items))]
+    want = [2 - abs(1 / (1 + math.exp(-(r[2 * i] - r[2 * i + 1]))) - 0.5) for i in range(len(items))]
     assert [it["priority"] for it in items] == pytest.approx(want, abs=1e-5)
+    # round 2's items come before round 1's left open (they are shown first)
+    assert min(it["priority"] for it in items) > max(it["priority"] for it in store.items("loop") if it["meta"]["round"] == 1)
 
 
 def test_simulated_votes_follow_bradley_terry_and_adversaries_flip(tmp_path):
@@ -150,3 +152,18 @@ def test_reward_model_warm_start_keeps_the_head(tmp_path):
     save(model, tok, RewardMeta(aspects=["reward"], weights=[1.0]), tmp_path / "rm")
     again, _ = load_reward_backbone(str(tmp_path / "rm"), 1, seed=4)
     assert torch.equal(again.score.weight, torch.full_like(again.score.weight, 0.25))
+
+
+def test_used_output_dir_refused_overwrite_clears_the_loops_store_shared_store_kept_apart(tmp_path):
+    code, s = loop(tmp_path, "rounds=1", "align=none")
+    assert code == 0
+    code, _ = loop(tmp_path, "rounds=1", "align=none")
+    assert code == 2  # a fresh run into a used output_dir
+    code, s2 = loop(tmp_path, "rounds=1", "align=none", "overwrite=true")
+    assert code == 0 and len(SQLiteStore(s2["store"]).items("loop")) == s2["rounds"][0]["gate"]["items"]
+    shared = tmp_path / "shared.sqlite"
+    for out in ("a", "b"):
+        code, s = loop(tmp_path, "rounds=1", "align=none", f"store={shared}", out=out)
+        assert code == 0 and s["rounds"][0]["gate"]["items"] > 0
+    items = SQLiteStore(shared).items("loop")
+    assert len({it["meta"]["loop"] for it in items}) == 2  # each loop proposed its own round 1

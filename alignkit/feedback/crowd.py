@@ -32,15 +32,7 @@ def utility_from_spec(spec: str, weights: str = "", max_new_tokens: int = 256) -
         scores = rewards(list(prompts), list(texts), columns or {})
         return [0.0 if v is None else float(v) for v in scores.total]
 
-    utility.columns = tuple(sorted({c for name in rewards.names for c in _columns(name)}))
     return utility
-
-
-def _columns(name: str) -> tuple[str, ...]:
-    from alignkit.rl.rewards import REWARD_FUNCTIONS
-
-    entry = REWARD_FUNCTIONS.get(name)
-    return entry.columns if entry is not None else ()
 
 
 def prefer(u_a: float, u_b: float, temperature: float, rng: random.Random) -> str:

@@ -5,9 +5,9 @@ reward model (none first):
 
 1. **propose**: two samples of the current policy for each of ``items_per_round`` x ``pool_factor`` training
    prompts become pairwise items of the feedback project (responses named ``policy-vN``, the order each
-   annotator sees randomised by the store). With ``selection=uncertain`` and a reward model, the items where it
-   is least sure (``|P(a > b) - 1/2|`` smallest) are shown first (their store priority); ``uniform`` shows them in
-   random order;
+   annotator sees randomised by the store). They are shown before any item left open by an earlier round. With
+   ``selection=uncertain`` and a reward model, the items where it is least sure (``|P(a > b) - 1/2|`` smallest)
+   are shown first (their store priority); ``uniform`` shows them in random order;
 2. **collect**: people vote in the app (``alignkit feedback serve STORE``), or, with ``crowd=`` set, a simulated
    crowd (:mod:`alignkit.feedback.crowd`) whose votes come from that hidden utility, with noise and adversaries;
 3. **gate**: at least ``min_items`` of the round's items completed (``overlap`` votes each) and their pairwise
@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import random
+import shutil
 from pathlib import Path
 
 from alignkit.config import DPOConfig, LoopConfig, RMConfig
@@ -70,6 +71,33 @@ def file_hash(path: Path) -> str | None:
     return h.hexdigest()[:16]
 
 
+def _own_files(cfg: LoopConfig, out: Path) -> list[Path]:
+    """The loop's files besides the common run files: its rounds, the gold set and (when it is the loop's own,
+    not one given as ``store=``) the feedback store."""
+    store = [] if cfg.store else [out / f"feedback.sqlite{x}" for x in ("", "-wal", "-shm")]
+    return [p for p in [*sorted(out.glob("round_*")), out / "gold_pairs.jsonl", *store] if p.exists()]
+
+
+def prepare(cfg: LoopConfig) -> Path:
+    """The output directory as every run's (a fresh run refuses another run's files, ``overwrite=true`` removes
+    them, ``resume=true`` continues a run of the same settings), the loop's own files included."""
+    out = Path(cfg.output_dir)
+    owned = _own_files(cfg, out)
+    if owned and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(f"output_dir={out} already holds a loop ({', '.join(p.name for p in owned)}): pass "
+                          f"resume=true to continue it, overwrite=true to replace it, or choose another output_dir")
+    out = prepare_iterations(cfg)
+    if cfg.overwrite:
+        for p in owned:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return out
+
+
+def run_id(cfg: LoopConfig) -> str:
+    """Names this loop's items in the store (a shared store may hold other loops' items)."""
+    return str(Path(cfg.output_dir).resolve())
+
+
 def open_project(cfg: LoopConfig, out: Path) -> SQLiteStore:
     store = SQLiteStore(cfg.store or out / "feedback.sqlite", seed=cfg.seed)
     try:
@@ -82,18 +110,20 @@ def open_project(cfg: LoopConfig, out: Path) -> SQLiteStore:
     return store
 
 
-def round_items(store: SQLiteStore, project: str, k: int) -> list[dict]:
-    return [it for it in store.items(project) if it["meta"].get("round") == k]
+def round_items(store: SQLiteStore, cfg: LoopConfig, k: int) -> list[dict]:
+    loop = run_id(cfg)
+    return [it for it in store.items(cfg.project) if it["meta"].get("round") == k and it["meta"].get("loop") == loop]
 
 
-def _columns(example, names) -> dict:
-    return {c: example.extra[c] for c in names if c in example.extra}
+def _columns(example) -> dict:
+    """The prompt row's other columns (``answer``, ...): what a hidden utility may read, as the RL trainer's
+    reward functions do."""
+    return dict(example.extra)
 
 
-def propose(store, cfg: LoopConfig, k: int, current: str, version: int, train_ex, rm_path: str | None,
-            columns: tuple[str, ...]) -> list[dict]:
+def propose(store, cfg: LoopConfig, k: int, current: str, version: int, train_ex, rm_path: str | None) -> list[dict]:
     """The round's items (already in the store after a crash: kept), prioritised for the annotators."""
-    items = round_items(store, cfg.project, k)
+    items = round_items(store, cfg, k)
     if not items:
         rng = random.Random(cfg.seed * 1000 + k)
         n = min(len(train_ex), cfg.items_per_round * cfg.pool_factor)
@@ -109,15 +139,16 @@ def propose(store, cfg: LoopConfig, k: int, current: str, version: int, train_ex
                 continue  # nothing to choose between
             rows.append({"prompt": ex.prompt, "responses": [{"text": a, "model": f"policy-v{version}"},
                                                             {"text": b, "model": f"policy-v{version}"}],
-                         "meta": {"round": k, "columns": _columns(ex, columns)}})
+                         "meta": {"loop": run_id(cfg), "round": k, "columns": _columns(ex)}})
         store.add_items(cfg.project, rows)
-        items = round_items(store, cfg.project, k)
-        store.set_priority(priorities(items, cfg, rm_path, rng))
+        items = round_items(store, cfg, k)
+        # the round's items come before any left open from earlier rounds (older policies), in the order chosen
+        store.set_priority({i: k + p for i, p in priorities(items, cfg, rm_path, rng).items()})
     return items
 
 
 def priorities(items: list[dict], cfg: LoopConfig, rm_path: str | None, rng: random.Random) -> dict[int, float]:
-    """Store priorities (higher first): the reward model's uncertainty ``-|P(a > b) - 1/2|`` with
+    """Priorities in [-1, 0] (higher first): the reward model's uncertainty ``-|P(a > b) - 1/2|`` with
     ``selection=uncertain`` (once there is a reward model), else a random order."""
     if cfg.selection == "uncertain" and rm_path:
         from alignkit.models.reward import RewardScorer
@@ -127,7 +158,7 @@ def priorities(items: list[dict], cfg: LoopConfig, rm_path: str | None, rng: ran
         texts = [as_response(it["prompt"], r["text"]) for it in items for r in it["responses"]]
         s = scorer.score(prompts, texts).tolist()
         return {it["id"]: -abs(1 / (1 + math.exp(-(s[2 * i] - s[2 * i + 1]))) - 0.5) for i, it in enumerate(items)}
-    return {it["id"]: rng.random() for it in items}
+    return {it["id"]: -rng.random() for it in items}
 
 
 def gate(store: SQLiteStore, cfg: LoopConfig, items: list[dict]) -> dict:
@@ -147,7 +178,7 @@ def gate(store: SQLiteStore, cfg: LoopConfig, items: list[dict]) -> dict:
             "agreement": None if math.isnan(agree) else float(agree)}
 
 
-def gold_pairs(cfg: LoopConfig, out: Path, held_ex, utility, columns) -> list[dict]:
+def gold_pairs(cfg: LoopConfig, out: Path, held_ex, utility) -> list[dict]:
     """The frozen gold set the reward model is measured on: with a hidden utility, two samples of the base
     policy per held-out prompt, the better by the utility as ``chosen`` (equal utilities dropped); made once."""
     path = out / "gold_pairs.jsonl"
@@ -160,7 +191,7 @@ def gold_pairs(cfg: LoopConfig, out: Path, held_ex, utility, columns) -> list[di
         engine.close()
         for ex, g in zip(held_ex, samples):
             a, b = g[0]["text"], g[1]["text"]
-            cols = {c: [v, v] for c, v in _columns(ex, columns).items()}
+            cols = {c: [v, v] for c, v in _columns(ex).items()}
             ua, ub = utility([ex.prompt, ex.prompt], [a, b], cols)
             if ua != ub:
                 good, bad = (a, b) if ua > ub else (b, a)
@@ -211,19 +242,18 @@ def run(cfg: LoopConfig) -> dict:
     if not held_ex:
         raise ConfigError("the loop compares policies and measures the reward model on held-out prompts: set "
                           "eval_fraction > 0 or eval_data")
-    out = prepare_iterations(cfg)
+    out = prepare(cfg)
     store = open_project(cfg, out)
     utility = utility_from_spec(cfg.crowd, cfg.crowd_weights, cfg.max_new_tokens) if cfg.crowd else None
-    columns = getattr(utility, "columns", ())
     crowd = (SimulatedCrowd(store, cfg.project, utility, n=cfg.crowd_size, adversarial=cfg.crowd_adversarial,
                             temperature=cfg.crowd_temperature, seed=cfg.seed) if utility is not None else None)
-    gold = gold_pairs(cfg, out, held_ex, utility, columns) if utility is not None else store_gold_pairs(store, cfg.project)
+    gold = gold_pairs(cfg, out, held_ex, utility) if utility is not None else store_gold_pairs(store, cfg.project)
     compare_ex = held_ex[: cfg.compare_prompts] if cfg.compare_prompts else held_ex
 
     def judge_by(rm_path):
         if utility is not None:
             return lambda exs, texts: utility([e.prompt for e in exs], texts,
-                                              {c: [e.extra.get(c) for e in exs] for c in columns})
+                                              {c: [e.extra.get(c) for e in exs] for c in exs[0].extra})
         from alignkit.models.reward import RewardScorer
 
         scorer = RewardScorer.load(rm_path, precision=cfg.precision)
@@ -239,7 +269,7 @@ def run(cfg: LoopConfig) -> dict:
             log.info("round %d finished before (%s): skipped", k, it / "done.json")
         else:
             it.mkdir(parents=True, exist_ok=True)
-            items = propose(store, cfg, k, current, version, train_ex, rm_path, columns)
+            items = propose(store, cfg, k, current, version, train_ex, rm_path)
             if crowd is not None:
                 crowd.collect(cfg.crowd_votes or None)
             g = gate(store, cfg, items)
@@ -277,7 +307,7 @@ def one_round(cfg, store, it: Path, k: int, current: str, rm_path, g: dict, gold
     votes, dropped = kept_votes(store, cfg.project, **filters)
     pairs = export_rows(store, cfg.project, "pairs", **filters)
     write_jsonl(it / "pairs.jsonl", pairs)
-    round_ids = {i["id"] for i in round_items(store, cfg.project, k)}
+    round_ids = {i["id"] for i in round_items(store, cfg, k)}
     new_pairs = [p for p in pairs if p["item"] in round_ids]
     write_jsonl(it / "new_pairs.jsonl", new_pairs)
     if not pairs:
