@@ -371,9 +371,9 @@ class SQLiteStore:
     def next_task(self, annotator_id: int, project: str, now: float | None = None) -> dict | None:
         """Lease the annotator's next item of ``project`` (or return the lease they already hold), or None when
         nothing is left for them."""
-        now = time.time() if now is None else now
         p = self.project(project)
         with self._write() as db:
+            now = time.time() if now is None else now  # once the lock is held: the lease runs from its grant
             db.execute("DELETE FROM leases WHERE expires <= ?", (now,))
             held = db.execute(
                 "SELECT l.* FROM leases l JOIN items i ON i.id=l.item_id WHERE l.annotator_id=? AND i.project_id=?"
@@ -408,8 +408,8 @@ class SQLiteStore:
 
     def lease_item(self, annotator_id: int, item_id: int, now: float | None = None) -> dict:
         """Lease one given item to the annotator (the arena: the user who asked judges their own turn)."""
-        now = time.time() if now is None else now
         with self._write() as db:
+            now = time.time() if now is None else now
             item = db.execute("SELECT i.responses, p.* FROM items i JOIN projects p ON p.id=i.project_id"
                               " WHERE i.id=?", (item_id,)).fetchone()
             if item is None:
