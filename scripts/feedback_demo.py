@@ -1,0 +1,197 @@
+"""The feedback loop on the default model with a simulated crowd: does each round's reward model get better,
+does the promoted policy beat the one before, does dropping low-agreement annotators help, and does active
+selection need fewer votes?
+
+The crowd's hidden utility (:func:`utility`) on ASDiv word problems: a correct final answer is worth 1, and each
+word costs 1/40 (a crowd that wants correct, short answers). ``crowd_size`` annotators vote on each pair with
+P(a > b) = sigmoid((u(a) - u(b)) / temperature); a share of them (``adversarial``) vote against their own
+judgement. Each round, the current policy answers ``items`` training problems twice, the crowd votes
+(``overlap`` annotators per pair), and ``alignkit loop`` trains and compares (see ``alignkit/recipes/loop.py``).
+
+Runs (each one ``alignkit loop`` into OUTPUT/<name>):
+
+- ``main``: DPO on the voted pairs, adversaries dropped (``min_annotator_agreement``), ``rounds`` rounds: the
+  reward model's accuracy on the frozen gold set (pairs of held-out answers ordered by the hidden utility) per
+  round, the new policy's win rate against the current one by the hidden utility, promoted or rolled back;
+- ``keep_all`` and ``filtered``: the reward model only (``align=none``), on the same proposals and the same votes
+  (same seeds), without and with dropping low-agreement annotators;
+- ``uniform`` and ``uncertain``: the reward model only, ``votes`` votes a round (one annotator per pair, no
+  adversaries) on pairs shown in random order or least-certain first out of ``pool`` x ``items`` proposed.
+
+Writes OUTPUT/report.md, OUTPUT/feedback_demo.json and OUTPUT/feedback_loop.png; with ``screenshots=1`` also
+screenshots of the app on the main run's store (OUTPUT/app_*.png, needs Playwright and Chromium). Settings:
+``python scripts/feedback_demo.py rounds=2 items=32``; ``only=main,uniform`` runs some; ``resume=1`` keeps
+finished runs' rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from grpo_job import resolve_precision, write_data  # noqa: E402
+
+from alignkit.data.answers import is_correct  # noqa: E402
+
+DEFAULTS = dict(model="smollm2-135m-instruct", output_dir="outputs/feedback_demo", precision="auto", seed=0,
+                rounds=3, items=48, overlap=3, crowd_size=8, adversarial=0.25, temperature=0.1,
+                min_annotator_agreement=0.5, max_new_tokens=96, lr=2e-4, beta=0.1, dpo_epochs=3, rm_lr=5e-5,
+                rm_epochs=2, compare_prompts=64, active_rounds=4, votes=24, pool=4, only="", resume=0, screenshots=1)
+RUNS = ("main", "keep_all", "filtered", "uniform", "uncertain")
+
+
+def utility(prompts, completions, answer, **_):
+    """The crowd's hidden utility: 1 for a correct final answer, minus 1/40 per word."""
+    return [float(is_correct(c, a)) - len(c.split()) / 40 for c, a in zip(completions, answer)]
+
+
+def settings(argv: list[str]) -> dict:
+    s = {**DEFAULTS, **dict(a.split("=", 1) for a in argv)}
+    s = {k: type(DEFAULTS[k])(v) if isinstance(DEFAULTS.get(k), (int, float)) else v for k, v in s.items()}
+    s["precision"] = resolve_precision({"precision": s["precision"]})["precision"]
+    return s
+
+
+def loop_args(s: dict, name: str, data: tuple[Path, Path]) -> list[str]:
+    common = dict(model=s["model"], data=data[0], eval_data=data[1], output_dir=Path(s["output_dir"]) / name,
+                  seed=s["seed"], precision=s["precision"], rollout_precision=s["precision"],
+                  crowd=f"{Path(__file__).resolve()}:utility", crowd_size=s["crowd_size"],
+                  crowd_temperature=s["temperature"], max_new_tokens=s["max_new_tokens"], temperature=1.0,
+                  rm_lr=s["rm_lr"], rm_epochs=s["rm_epochs"], lr=s["lr"], beta=s["beta"], epochs=s["dpo_epochs"],
+                  lora=True, lora_r=16, lora_alpha=32, batch_size=8, max_length=512, progress=False, log_every=10,
+                  compare_prompts=s["compare_prompts"], min_items=4,
+                  **({"resume": True} if s["resume"] else {"overwrite": True}))
+    runs = {
+        "main": dict(rounds=s["rounds"], items_per_round=s["items"], overlap=s["overlap"],
+                     crowd_adversarial=s["adversarial"], min_annotator_agreement=s["min_annotator_agreement"]),
+        "keep_all": dict(rounds=s["rounds"], items_per_round=s["items"], overlap=s["overlap"],
+                         crowd_adversarial=s["adversarial"], align="none"),
+        "filtered": dict(rounds=s["rounds"], items_per_round=s["items"], overlap=s["overlap"],
+                         crowd_adversarial=s["adversarial"], min_annotator_agreement=s["min_annotator_agreement"],
+                         align="none"),
+        "uniform": dict(rounds=s["active_rounds"], items_per_round=s["votes"], pool_factor=s["pool"], overlap=1,
+                        crowd_votes=s["votes"], selection="uniform", align="none"),
+        "uncertain": dict(rounds=s["active_rounds"], items_per_round=s["votes"], pool_factor=s["pool"], overlap=1,
+                          crowd_votes=s["votes"], selection="uncertain", align="none"),
+    }
+    return [f"{k}={v}" for k, v in {**common, **runs[name]}.items()]
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, names, title in ((axes[0], ("main", "keep_all", "filtered"), "adversaries kept or dropped"),
+                             (axes[1], ("uniform", "uncertain"), "active selection")):
+        for name in names:
+            if name in results:
+                rounds = results[name]["rounds"]
+                ax.plot([r["votes_used"] for r in rounds], [r["rm_gold_accuracy"] for r in rounds], "o-", label=name)
+        ax.set_xlabel("votes used")
+        ax.set_ylabel("reward model accuracy on the gold set")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    if "main" in results:
+        rounds = [r for r in results["main"]["rounds"] if r["compare"]]
+        ks = [r["round"] for r in rounds]
+        rate = [r["compare"]["win_rate"] for r in rounds]
+        axes[2].errorbar(ks, rate, yerr=[[w - r["compare"]["lower"] for w, r in zip(rate, rounds)],
+                                         [r["compare"]["upper"] - w for w, r in zip(rate, rounds)]], fmt="o")
+        axes[2].axhline(0.5, color="grey", lw=0.8)
+        axes[2].set_xticks(ks)
+        axes[2].set_xlabel("round")
+        axes[2].set_ylabel("win rate, new vs current policy")
+        axes[2].set_title("hidden-utility win rate (95% Wilson)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def screenshots(store: Path, out: Path) -> list[str]:
+    """The annotator's page (a pair to judge) and the admin page on the main run's store."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import shutil
+
+    from _feedback_server import serving
+    from playwright.sync_api import sync_playwright
+
+    from alignkit.feedback.store import SQLiteStore
+
+    import sqlite3
+
+    copy = out / "app_store.sqlite"  # a copy: the run's own store stays as the loop left it
+    copy.unlink(missing_ok=True)
+    with sqlite3.connect(store) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    db = SQLiteStore(copy)
+    last = max(db.items("loop"), key=lambda it: it["id"])  # one more pair to judge, as a person would see it
+    db.add_items("loop", [{"prompt": last["prompt"], "responses": last["responses"], "meta": {"demo": True}}])
+    admin, person = db.add_annotator("admin", "admin"), db.add_annotator("a-person")
+    shots = []
+    with serving(copy) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        for page_name, token, path, width in (("app_pairwise.png", person, "/", 1100), ("app_admin.png", admin, "/admin", 1100)):
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.goto(server.url + path)
+            page.fill("#token", token)
+            page.click("#login-form button")
+            if path == "/":
+                page.click("[data-project]")
+                page.wait_for_selector("#responses .card")
+            else:
+                page.wait_for_selector("#plots img")
+                page.wait_for_load_state("networkidle")
+            page.screenshot(path=str(out / page_name), full_page=True)
+            shots.append(page_name)
+            page.close()
+        browser.close()
+    return shots
+
+
+def main(argv: list[str]) -> None:
+    from alignkit.cli import main as cli
+
+    s = settings(argv)
+    out = Path(s["output_dir"])
+    data = write_data(out / "data", "all")[:2]
+    results, minutes = {}, {}
+    for name in [r for r in RUNS if not s["only"] or r in s["only"].split(",")]:
+        t = time.time()
+        code = cli(["loop", *loop_args(s, name, data)])
+        minutes[name] = (time.time() - t) / 60
+        if code != 0:
+            raise SystemExit(f"the {name} run failed (exit {code})")
+        results[name] = json.loads((out / name / "summary.json").read_text())
+        print(f"[feedback demo] {name}: {minutes[name]:.1f} min", flush=True)
+    plot(results, out / "feedback_loop.png")
+    shots = screenshots(out / "main" / "feedback.sqlite", out) if s["screenshots"] and "main" in results else []
+    (out / "feedback_demo.json").write_text(json.dumps({"settings": s, "minutes": minutes, "results": results,
+                                                        "screenshots": shots}, indent=2, default=str))
+    lines = ["# The feedback loop on the default model, simulated crowd", "",
+             f"Settings: {json.dumps({k: v for k, v in s.items() if k not in ('only', 'resume')})}", ""]
+    for name, res in results.items():
+        lines += [f"## {name} ({minutes[name]:.1f} min)", "",
+                  "| round | votes used | dropped annotators | RM gold accuracy | win rate [95%] | promoted |",
+                  "|---|---|---|---|---|---|"]
+        for r in res["rounds"]:
+            c = r["compare"]
+            win = f"{c['win_rate']:.3f} [{c['lower']:.3f}, {c['upper']:.3f}]" if c else "-"
+            lines.append(f"| {r['round']} | {r['votes_used']} | {len(r['dropped_annotators'])} | "
+                         f"{r['rm_gold_accuracy']:.3f} | {win} | {r['promoted']} |")
+        lines.append("")
+    lines.append("![reward model accuracy and win rates](feedback_loop.png)")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
