@@ -112,6 +112,22 @@ def test_gold_items_mixed_in_without_overlap(tmp_path):
     assert got == [1, 1, 1]  # every annotator meets the gold item (no overlap cap); gold_rate 1 shows it first
 
 
+def test_gold_left_when_nothing_else_is_and_never_at_rate_zero(tmp_path):
+    for rate, want in ((0.01, [2, 1]), (0.0, [2, None])):
+        store = SQLiteStore(tmp_path / f"fb{rate}.sqlite", seed=0)
+        store.create_project("p", "pairwise", overlap=1, gold_rate=rate)
+        store.add_items("p", [{"prompt": "g", "responses": ["x", "y"], "gold": "a"},
+                              {"prompt": "q", "responses": ["u", "v"]}])
+        aid = store.authenticate(store.add_annotator("ann"))["id"]
+        got = []
+        for _ in range(2):
+            t = store.next_task(aid, "p")
+            got.append(t and t["item"])
+            if t:
+                store.submit(aid, t["lease"], {"choice": "a"})
+        assert got == want
+
+
 def test_authors_never_judge_their_own_responses(tmp_path):
     store = SQLiteStore(tmp_path / "fb.sqlite")
     store.create_project("p", "pairwise", overlap=3)

@@ -10,7 +10,8 @@ Assignment (:meth:`SQLiteStore.next_task`):
   overlap until it is answered or expires (``lease_seconds``); an expired lease is deleted and its slot re-queued;
 - nobody judges an item twice (a vote or a skip by the annotator excludes it), and an item whose responses the
   annotator wrote (``author``, e.g. the correction they gave in a thumbs task) never comes back to them;
-- gold items (a known answer) are mixed in at ``gold_rate`` and have no overlap: every annotator may meet each once;
+- gold items (a known answer) are mixed in at ``gold_rate`` and have no overlap: every annotator may meet each once
+  (and meets those left when nothing else is; with ``gold_rate=0`` they are never shown);
 - items with a higher ``priority`` come first (the loop's active selection sets it), then items closest to their
   overlap (so items complete rather than all being half done), then the oldest;
 - every task shows the responses in a fresh random order, recorded on the lease and the vote; votes are stored
@@ -389,15 +390,17 @@ class SQLiteStore:
             row = None
             with self._rng_lock:
                 want_gold = self._rng.random() < p["gold_rate"]
+            gold = f"SELECT i.id FROM items i WHERE {open_to_me} AND i.gold IS NOT NULL ORDER BY i.priority DESC, i.id LIMIT 1"
             if want_gold:
-                row = db.execute(f"SELECT i.id FROM items i WHERE {open_to_me} AND i.gold IS NOT NULL"
-                                 " ORDER BY i.priority DESC, i.id LIMIT 1", args).fetchone()
+                row = db.execute(gold, args).fetchone()
             if row is None:
                 row = db.execute(
                     f"SELECT i.id, (SELECT COUNT(*) FROM votes v WHERE v.item_id=i.id)"
                     f" + (SELECT COUNT(*) FROM leases l WHERE l.item_id=i.id) AS taken"
                     f" FROM items i WHERE {open_to_me} AND i.gold IS NULL AND taken < :k"
                     f" ORDER BY i.priority DESC, taken DESC, i.id LIMIT 1", {**args, "k": p["overlap"]}).fetchone()
+            if row is None and p["gold_rate"] > 0:  # nothing else left for them: a gold item they have not seen
+                row = db.execute(gold, args).fetchone()
             if row is None:
                 return None
             n = len(json.loads(db.execute("SELECT responses FROM items WHERE id=?", (row["id"],)).fetchone()[0]))
