@@ -37,6 +37,16 @@ def test_overlap_no_second_review_and_complete(tmp_path):
     assert all(store.next_task(aid, "p") is None for aid in ids.values())
 
 
+def test_asks_again_after_voting_gets_another_item(tmp_path):
+    store, ids = _store(tmp_path, overlap=2, n=2)
+    first = store.next_task(ids["ann"], "p")
+    store.submit(ids["ann"], first["lease"], {"choice": "a"})
+    second = store.next_task(ids["ann"], "p")  # the first item still has a free slot, but not for ann
+    assert second["item"] != first["item"]
+    store.submit(ids["ann"], second["lease"], {"choice": "a"})
+    assert store.next_task(ids["ann"], "p") is None
+
+
 def test_lease_counts_against_overlap_then_expires_and_requeues(tmp_path):
     store, ids = _store(tmp_path, overlap=1, n=1, lease=10.0)
     t = store.next_task(ids["ann"], "p", now=100.0)
