@@ -548,6 +548,31 @@ class SelfRewardConfig(RolloutConfig, DPOConfig):
 
 
 @dataclass
+class FeedbackItemsConfig(RolloutConfig):
+    """``alignkit feedback generate``: items for the feedback app, sampled from one or two policies."""
+
+    store: str = opt("", "The feedback store (SQLite file); the project must exist (`alignkit feedback init`).")
+    project: str = opt("", "The project the items go to: pairwise or arena (two responses), ranking (2-8) or thumbs (1).")
+    models: str = opt("", "Comma-separated policies the responses come from (default: model); with two, each item has responses from both, alternating.", list_as="comma")
+    responses: int = opt(2, "Responses per prompt (K).")
+    rewards: str = opt("", "Not used.", list_as="comma")
+    output_dir: str = opt("", "Not used (the items go to the store).")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.store or not self.project:
+            raise ConfigError("set store= (the feedback SQLite file) and project= (a project in it)")
+        if not 1 <= self.responses <= 8:
+            raise ConfigError("responses must be between 1 and 8")
+        if len(self.model_list) > 2:
+            raise ConfigError("models: at most two policies")
+
+    @property
+    def model_list(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()] or [self.model]
+
+
+@dataclass
 class LoopConfig(RolloutConfig, DPOConfig):
     """The continuous loop (alignkit.recipes.loop): propose pairs -> collect votes -> gate -> reward model ->
     re-align -> compare -> promote or roll back, round after round."""

@@ -69,6 +69,9 @@ def test_ranking_votes_give_every_ordered_pair_and_ranking_rows(store, tmp_path)
     pairs = export_rows(store, "r", "pairs")
     got = {(p["chosen"], p["rejected"]): p["soft_label"] for p in pairs}
     assert got == {("w", "x"): 1.0, ("w", "y"): 1.0, ("w", "z"): 1.0, ("x", "y"): 1.0, ("x", "z"): 1.0}  # y-z split
+    from alignkit.feedback.report import project_stats
+
+    assert project_stats(store, "r")["agreement"]["kendall_tau"] == pytest.approx(4 / 6)  # 5 of 6 pairs agree
     ranks = export_rows(store, "r", "rankings")
     assert sorted(tuple(r["ranking"]) for r in ranks) == [(1, 2, 3, 4), (1, 2, 4, 3)]
     loaded = load_examples(_write(tmp_path, ranks, "ranks.jsonl"), "preference")

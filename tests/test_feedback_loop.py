@@ -167,3 +167,23 @@ def test_used_output_dir_refused_overwrite_clears_the_loops_store_shared_store_k
         assert code == 0 and s["rounds"][0]["gate"]["items"] > 0
     items = SQLiteStore(shared).items("loop")
     assert len({it["meta"]["loop"] for it in items}) == 2  # each loop proposed its own round 1
+
+
+def test_generate_items_from_two_policies_alternating(tmp_path):
+    from alignkit.models.loading import tiny_model, tiny_tokenizer
+
+    other = tmp_path / "other"
+    tiny_model(seed=7).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    db = tmp_path / "fb.sqlite"
+    assert main(["feedback", "init", str(db), "--project", "r", "--kind", "ranking"]) == 0
+    data = prompt_jsonl(tmp_path, n=6)
+    args = ["feedback", "generate", f"store={db}", f"data={data}", "max_new_tokens=8", "progress=false"]
+    assert main([*args, "project=r", f"models=tiny,{other}", "responses=3"]) == 0
+    items = SQLiteStore(db).items("r")
+    assert len(items) == 6 and all([r["model"] for r in it["responses"]] == ["tiny", str(other), "tiny"] for it in items)
+    assert all(it["meta"]["columns"]["answer"] for it in items)  # the prompt row's columns travel with the item
+    assert main([*args, "project=nope"]) == 2
+    assert main([*args, "project=r", "responses=9"]) == 2
+    main(["feedback", "init", str(db), "--project", "t", "--kind", "thumbs"])
+    assert main([*args, "project=t", "responses=2"]) == 2  # a thumbs item has one response

@@ -4,6 +4,7 @@
     alignkit feedback annotator fb.sqlite alice            # prints alice's token (shown once)
     alignkit feedback annotator fb.sqlite boss --admin
     alignkit feedback import fb.sqlite helpful items.jsonl
+    alignkit feedback generate store=fb.sqlite project=helpful data=prompts.jsonl models=a,b responses=2
     alignkit feedback serve fb.sqlite --port 8000 [--model a=MODEL --model b=MODEL]   # arena models
     alignkit feedback stats fb.sqlite helpful
     alignkit feedback export fb.sqlite helpful --format pairs --out pairs.jsonl --min-annotator-agreement 0.6
@@ -78,10 +79,10 @@ def _existing(db: str):
 def main(argv: list[str]) -> int:
     from alignkit.feedback.store import FeedbackError, SQLiteStore
 
-    if argv[:1] == ["loop"]:  # the loop is a recipe with key=value settings: `alignkit loop`
+    if argv[:1] in (["loop"], ["generate"]):  # recipes with key=value settings (`alignkit loop`)
         from alignkit.cli import _method
 
-        return _method("loop", argv[1:])
+        return _method("loop" if argv[0] == "loop" else "feedback-generate", argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.action == "init":

@@ -36,6 +36,8 @@ def project_stats(store: SQLiteStore, project: str, bootstrap_rounds: int = 200,
         multi = counts >= 2
         if multi.any() and len(set(counts[multi])) == 1:
             agree["fleiss_kappa"] = _num(agreement.fleiss_kappa(x[:, multi]))
+    if m["kind"] == "ranking":
+        agree["kendall_tau"] = _num(ranking_tau(store, project))
     stats["agreement"] = agree
     report = agreement.annotator_report(x, gold=m["gold"], level=level) if x.size else []
     stats["annotators"] = [{**{k: _num(v) if isinstance(v, float) else v for k, v in r.items()}, "annotator": name}
@@ -44,6 +46,17 @@ def project_stats(store: SQLiteStore, project: str, bootstrap_rounds: int = 200,
     stats["leaderboard"] = (ratings.leaderboard_rows(ratings.bootstrap_ratings(fights, rounds=bootstrap_rounds))
                             if len({f["model_a"] for f in fights} | {f["model_b"] for f in fights}) >= 2 else [])
     return stats
+
+
+def ranking_tau(store: SQLiteStore, project: str) -> float:
+    """Mean over items of the mean Kendall tau-b between every two annotators' rankings of the item."""
+    positions: dict[int, list[list[int]]] = {}
+    for v in store.votes(project):
+        order = v["answer"]["ranking"]
+        positions.setdefault(v["item"], []).append([order.index(r) for r in range(len(order))])
+    taus = [agreement.mean_pairwise_tau(np.array(p, dtype=float)) for p in positions.values() if len(p) >= 2]
+    taus = [t for t in taus if not math.isnan(t)]
+    return float(np.mean(taus)) if taus else float("nan")
 
 
 def plot_png(store: SQLiteStore, project: str, name: str) -> bytes:
