@@ -259,7 +259,7 @@ def _arena_turn(store: SQLiteStore, who: dict, project: str, messages: list[dict
     project and lease it to the user who asked."""
     if store.project(project)["kind"] != "arena":
         raise FeedbackError(f"project {project!r} is not an arena")
-    names = store._rng.sample(sorted(responders), 2)
+    names = store.sample(sorted(responders), 2)
     replies = [responders[n](messages) for n in names]
     rows = [{"prompt": messages, "responses": [{"text": r[:LIMITS["response"]], "model": n}
                                                for r, n in zip(replies, names)],

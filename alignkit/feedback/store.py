@@ -257,6 +257,11 @@ class SQLiteStore:
             db.close()
             self._local.db = None
 
+    def sample(self, population, k: int) -> list:
+        """``k`` distinct members of ``population`` from the store's seeded generator (the arena's two models)."""
+        with self._rng_lock:
+            return self._rng.sample(list(population), k)
+
     def _shuffle(self, n: int) -> list[int]:
         with self._rng_lock:
             order = list(range(n))
