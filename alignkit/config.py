@@ -598,7 +598,8 @@ class LoopConfig(RolloutConfig, DPOConfig):
     rm_model: str = opt("", "The reward model's starting point in round 1 (default: model); later rounds warm-start from the last one.")
     rm_lr: float = opt(1e-5, "Learning rate of the reward model's training.")
     rm_epochs: float = opt(1.0, "Passes over all the votes so far when the reward model is retrained.")
-    align: str = opt("dpo", "Re-alignment: dpo (DPO on the round's voted pairs), rm (DPO on best-vs-worst of num_generations samples by the new reward model), or none (only the reward model learns; the policy stays).", ("dpo", "rm", "none"))
+    align: str = opt("dpo", "Re-alignment: dpo (DPO on the round's voted pairs), rm (DPO on best-vs-worst of num_generations samples by the new reward model), grpo (rl_steps of GRPO against the new reward model), or none (only the reward model learns; the policy stays).", ("dpo", "rm", "grpo", "none"))
+    rl_steps: int = opt(20, "align=grpo: GRPO steps per round (prompts_per_step prompts x num_generations samples each).")
     compare_prompts: int = opt(64, "Held-out prompts the new policy and the current one are compared on (0: all).")
     promote_min_win_rate: float = opt(0.5, "Promote the new policy when its win rate against the current one is at least this; else roll back.")
     rewards: str = opt("", "Not used (the crowd or people judge).", list_as="comma")
@@ -618,8 +619,10 @@ class LoopConfig(RolloutConfig, DPOConfig):
             raise ConfigError("need 0 <= crowd_adversarial <= 1, crowd_temperature > 0 and crowd_votes >= 0")
         if not 0 <= self.promote_min_win_rate <= 1 or not 0 <= self.min_agreement <= 1:
             raise ConfigError("promote_min_win_rate and min_agreement are shares in [0, 1]")
-        if self.align == "rm" and self.num_generations < 2:
-            raise ConfigError("align=rm pairs the best and worst of num_generations samples: need >= 2")
+        if self.align in ("rm", "grpo") and self.num_generations < 2:
+            raise ConfigError(f"align={self.align} compares num_generations samples of a prompt: need >= 2")
+        if self.rl_steps < 1:
+            raise ConfigError("rl_steps must be >= 1")
 
 
 @dataclass

@@ -187,3 +187,14 @@ def test_generate_items_from_two_policies_alternating(tmp_path):
     assert main([*args, "project=r", "responses=9"]) == 2
     main(["feedback", "init", str(db), "--project", "t", "--kind", "thumbs"])
     assert main([*args, "project=t", "responses=2"]) == 2  # a thumbs item has one response
+
+
+@pytest.mark.parametrize("align", ["rm", "grpo"])
+def test_realign_with_the_new_reward_model(tmp_path, align):
+    code, s = loop(tmp_path, "rounds=1", f"align={align}", "rl_steps=2", "prompts_per_step=2", "num_generations=2")
+    assert code == 0 and s["status"] == "done"
+    r = s["rounds"][0]
+    assert r["align_rows"] > 0 and r["compare"]["n"] == 8 and r["candidate"].endswith("round_1/policy/final")
+    if align == "grpo":  # online RL against the round's reward model
+        cfg = (tmp_path / "out" / "round_1" / "policy" / "config.yaml").read_text()
+        assert f"rm:{tmp_path / 'out' / 'round_1' / 'rm' / 'final'}" in cfg

@@ -18,7 +18,8 @@ reward model (none first):
    from the last round's reward model (warm start); its accuracy on a frozen gold set is recorded: pairs labelled
    by the hidden utility on held-out prompts with a simulated crowd, the project's gold items otherwise;
 5. **re-align**: DPO from the current policy on the round's voted pairs (``align=dpo``), or on on-policy pairs
-   the new reward model labels, best against worst of ``num_generations`` samples (``align=rm``); ``align=none``
+   the new reward model labels, best against worst of ``num_generations`` samples (``align=rm``), or online RL
+   against the new reward model (``align=grpo``: ``rl_steps`` GRPO steps with ``rewards=rm:...``); ``align=none``
    trains the reward model only (the policy stays, and nothing is compared);
 6. **compare**: the new policy against the current one on ``compare_prompts`` held-out prompts (one sample each,
    same seeds), judged by the hidden utility (simulated crowd) or the new reward model: the win rate (a tie is
@@ -42,13 +43,13 @@ import random
 import shutil
 from pathlib import Path
 
-from alignkit.config import DPOConfig, LoopConfig, RMConfig
+from alignkit.config import DPOConfig, LoopConfig, RLConfig, RMConfig
 from alignkit.errors import ConfigError
 from alignkit.feedback import ratings
 from alignkit.feedback.crowd import SimulatedCrowd, utility_from_spec
 from alignkit.feedback.export import export_rows, kept_votes, rating_matrix
 from alignkit.feedback.store import NotFound, SQLiteStore
-from alignkit.recipes import dpo, rm
+from alignkit.recipes import dpo, rl, rm
 from alignkit.recipes.common import split_eval
 from alignkit.recipes.sampled import as_response, encode, policy, sample, start, sub_config
 from alignkit.train.iterations import finish, finished, prepare_iterations, read_jsonl, write_json, write_jsonl
@@ -321,31 +322,46 @@ def one_round(cfg, store, it: Path, k: int, current: str, rm_path, g: dict, gold
         rm.run(sub)
     new_rm = str(rm_dir / "final")
     accuracy = rm_accuracy(new_rm, gold, cfg.precision)
-    # the policy, re-aligned from the current one
-    train_rows = {"dpo": lambda: new_pairs, "rm": lambda: rm_pairs(cfg, train_ex, current, new_rm, k),
-                  "none": lambda: []}[cfg.align]()
-    write_jsonl(it / "align_pairs.jsonl", [{k2: r[k2] for k2 in ("prompt", "chosen", "rejected", "soft_label")
-                                            if k2 in r} for r in train_rows])
-    pol_dir = it / "policy"
-    if train_rows and not (pol_dir / "final" / "alignkit.json").exists():
-        sub = sub_config(DPOConfig, cfg, model=current, data=str(it / "align_pairs.jsonl"), output_dir=str(pol_dir),
-                         eval_data="", eval_fraction=0.0, overwrite=True, resume=False)
-        dpo.run(sub)
-    new_policy = str(pol_dir / "final") if train_rows else current
-    verdict = compare(cfg, new_policy, current, compare_ex, judge_by(new_rm), k) if train_rows else None
+    # the policy, re-aligned from the current one (None: nothing to train on, or align=none)
+    new_policy, n_rows = realign(cfg, it, k, current, new_rm, new_pairs, train_ex)
+    verdict = compare(cfg, new_policy, current, compare_ex, judge_by(new_rm), k) if new_policy else None
     promoted = verdict is not None and verdict["win_rate"] >= cfg.promote_min_win_rate
     report = {"round": k, "gate": g, "votes_used": len(votes), "dropped_annotators": dropped["annotators"],
-              "pairs": len(pairs), "new_pairs": len(new_pairs), "align_pairs": len(train_rows),
+              "pairs": len(pairs), "new_pairs": len(new_pairs), "align_rows": n_rows,
               "rm_gold_accuracy": accuracy, "gold_pairs": len(gold), "compare": verdict,
-              "promoted": promoted, "policy_before": current, "candidate": new_policy}
+              "promoted": promoted, "policy_before": current, "candidate": new_policy or current}
     write_json(it / "report.json", report)
     log.info("round %d: reward model accuracy on the gold set %s; the new policy wins %s against the current one: %s",
              k, accuracy, None if verdict is None else f"{verdict['win_rate']:.3f} [{verdict['lower']:.3f}, "
              f"{verdict['upper']:.3f}]", "promoted" if promoted else "rolled back")
-    return {**report, "policy": new_policy, "reward_model": new_rm,
+    return {**report, "policy": new_policy or current, "reward_model": new_rm,
             "versions": {"votes": store.snapshot_hash(cfg.project), "reward_model": file_hash(rm_dir / "final"),
-                         "policy": file_hash(Path(new_policy)) if train_rows else None,
+                         "policy": file_hash(Path(new_policy)) if new_policy else None,
                          "report": file_hash(it / "report.json")}}
+
+
+def realign(cfg: LoopConfig, it: Path, k: int, current: str, new_rm: str, new_pairs: list[dict],
+            train_ex) -> tuple[str | None, int]:
+    """Train the candidate policy from ``current`` (module docstring, step 5): its final directory (None when
+    there was nothing to train on, or with ``align=none``) and the rows (pairs, or prompts for GRPO) it used."""
+    pol_dir = it / "policy"
+    done = (pol_dir / "final" / "alignkit.json").exists()  # trained before a crash: kept
+    if cfg.align == "grpo":
+        if not done:
+            rl.run(sub_config(RLConfig, cfg, model=current, rewards=f"rm:{new_rm}", reward_weights="",
+                              output_dir=str(pol_dir), max_steps=cfg.rl_steps, eval_data="", eval_fraction=0.0,
+                              overwrite=True, resume=False, batch_size=2))
+        return str(pol_dir / "final"), cfg.rl_steps * cfg.prompts_per_step
+    rows = {"dpo": lambda: new_pairs, "rm": lambda: rm_pairs(cfg, train_ex, current, new_rm, k),
+            "none": lambda: []}[cfg.align]()
+    write_jsonl(it / "align_pairs.jsonl", [{key: r[key] for key in ("prompt", "chosen", "rejected", "soft_label")
+                                            if key in r} for r in rows])
+    if not rows:
+        return None, 0
+    if not done:
+        dpo.run(sub_config(DPOConfig, cfg, model=current, data=str(it / "align_pairs.jsonl"), output_dir=str(pol_dir),
+                           eval_data="", eval_fraction=0.0, overwrite=True, resume=False))
+    return str(pol_dir / "final"), len(rows)
 
 
 def rm_pairs(cfg: LoopConfig, train_ex, current: str, rm_path: str, k: int) -> list[dict]:
