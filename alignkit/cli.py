@@ -25,7 +25,7 @@ METHODS = {
     "rm": (RMConfig, "alignkit.recipes.rm", "Reward model: Bradley-Terry on pairs or rankings, aspect heads, or process=true."),
     "dpo": (DPOConfig, "alignkit.recipes.dpo", "Offline preference training: loss=dpo|cdpo|robust|hinge|ipo|kto|orpo|simpo."),
     "gdpo": (GDPOConfig, "alignkit.recipes.gdpo", "GDPO: state a belief, then answer; beliefs calibrated to a group's distribution."),
-    "grpo": (RLConfig, "alignkit.recipes.rl", "Online RL on prompts: preset=grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp|ppo."),
+    "grpo": (RLConfig, "alignkit.recipes.rl", "Online RL on prompts: preset=grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp|kimi|ppo."),
     "ppo": (PPOConfig, "alignkit.recipes.rl", "PPO-RLHF: policy, reference, reward function or model, value model, GAE."),
     "online-dpo": (OnlineDPOConfig, "alignkit.recipes.online_dpo", "Online DPO: a judge labels two samples per prompt."),
     "bon": (BoNConfig, "alignkit.recipes.bon", "Best-of-n sampling: n samples per prompt, the reward's or judge's best kept."),

@@ -302,9 +302,10 @@ class RolloutConfig(TrainConfig):
 class RLConfig(RolloutConfig):
     """Online RL: a preset names a combination of registry entries; any field left unset takes the preset's value."""
 
-    preset: str = opt("grpo", PRESET_HELP, ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"))
-    advantage: str | None = opt(None, "Advantage estimator (default: the preset's).", ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", None))
-    policy_loss: str | None = opt(None, "Policy loss (default: the preset's).", ("ppo_clip", "gspo", None))
+    preset: str = opt("grpo", PRESET_HELP, ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "kimi"))
+    advantage: str | None = opt(None, "Advantage estimator (default: the preset's); log_mean_exp is the reward minus Kimi's exact baseline tau * log(mean exp(r / tau)).", ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "log_mean_exp", None))
+    policy_loss: str | None = opt(None, "Policy loss (default: the preset's); kimi_omd is Kimi k1.5's squared loss against tau * log(pi / pi_old).", ("ppo_clip", "gspo", "kimi_omd", None))
+    tau: float | None = opt(None, "Kimi k1.5 (preset=kimi): the KL coefficient of each mirror-descent iteration, max E[r] - tau KL(pi || pi_old), for kimi_omd and log_mean_exp (default: 1.0).")
     aggregation: str | None = opt(None, "Loss aggregation (default: the preset's).", ("token_mean", "seq_mean_token_mean", "seq_sum_constant", None))
     kl_estimator: str | None = opt(None, "KL estimator k1, k2 or k3 (default: the preset's).", ("k1", "k2", "k3", None))
     kl_in: str | None = opt(None, "Where the KL penalty goes (default: the preset's).", ("reward", "loss", "none", None))
@@ -354,7 +355,7 @@ class RLConfig(RolloutConfig):
             eps_high=self.eps_high, dual_clip=self.dual_clip, whiten_advantages=self.whiten_advantages,
             gamma=self.gamma, lam=self.lam, aggregation_constant=float(self.max_new_tokens),
             correction=self.correction, correction_mode=self.correction_mode, is_clip=self.is_clip,
-            is_low=self.is_low_high[0], is_high=self.is_low_high[1],
+            is_low=self.is_low_high[0], is_high=self.is_low_high[1], tau=self.tau,
         )
 
     @property
@@ -397,7 +398,7 @@ class RLConfig(RolloutConfig):
 class PPOConfig(RLConfig):
     """PPO-RLHF: policy, reference, reward (any reward function, e.g. rm:PATH) and a value model, with GAE."""
 
-    preset: str = opt("ppo", PRESET_HELP, ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"))
+    preset: str = opt("ppo", PRESET_HELP, ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "kimi"))
     num_generations: int = opt(1, "Completions sampled per prompt.")
     prompts_per_step: int = opt(16, "Prompts drawn for each rollout.")
     ppo_epochs: int = opt(2, "Passes over each rollout.")

@@ -43,10 +43,11 @@ D = torch.float64
 
 
 def test_registries_and_errors():
-    assert set(ADVANTAGES) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
+    assert set(ADVANTAGES) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "log_mean_exp"}
     assert ADVANTAGES["gae"].needs_value_model and not ADVANTAGES["gae"].needs_groups
     assert ADVANTAGES["rloo"].needs_groups and not ADVANTAGES["rloo"].needs_value_model
     assert POLICY_LOSSES["gspo"].sequence_level and not POLICY_LOSSES["ppo_clip"].sequence_level
+    assert POLICY_LOSSES["kimi_omd"].sequence_level and ADVANTAGES["log_mean_exp"].hparams == ("tau",)
     assert KL_ESTIMATORS["k2"].loss_gradient == "reverse_kl"
     for getter, bad, choice in (
         (get_advantage, "ppo", "rloo"),

@@ -204,8 +204,8 @@ def _objective_for(name: str, **overrides) -> Objective:
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_first_inner_step_ratio_is_one(name):
-    """With old_logp = logp.detach() every preset's policy loss has ratio exactly 1 and clips nothing; the
-    metrics are (sum, count) pairs over this micro-batch's valid tokens."""
+    """With old_logp = logp.detach() every preset's policy loss has ratio exactly 1 and clips nothing (kimi_omd
+    does not clip); the metrics are (sum, count) pairs over this micro-batch's valid tokens."""
     obj = _objective_for(name, kl_in="loss", kl_coef=0.1)
     g = torch.Generator().manual_seed(11)
     B, T = 4, 6
@@ -216,12 +216,14 @@ def test_first_inner_step_ratio_is_one(name):
     n = normaliser(obj.aggregation, [m])
     loss, metrics = policy_objective(obj, logp, logp.detach(), adv, m, step_normaliser=n, ref_logp_BT=ref)
     n_tok = float(m.sum())
-    assert metrics["policy/clip_frac"] == (0.0, n_tok)
+    kimi = obj.policy_loss == "kimi_omd"
+    assert kimi or metrics["policy/clip_frac"] == (0.0, n_tok)
     s, c = metrics["policy/ratio_mean"]
     assert c == n_tok and s / c == 1.0
     assert metrics["kl"][1] == n_tok and math.isfinite(metrics["kl"][0])
-    # ratio 1: both policy losses are -A on every valid token (GSPO's A_i is the broadcast value), plus the KL
-    per_token = (-adv + 0.1 * get_kl_estimator(obj.kl_estimator).fn(logp.detach(), ref)) * m
+    # ratio 1: the clipped losses are -A on every valid token (GSPO's A_i is the broadcast value), kimi_omd's
+    # squared loss is A^2 (its gradient, -2 tau A, is tested in test_kimi_omd.py), plus the KL
+    per_token = ((adv**2 if kimi else -adv) + 0.1 * get_kl_estimator(obj.kl_estimator).fn(logp.detach(), ref)) * m
     agg = get_aggregation(obj.aggregation).fn(per_token, m, step_normaliser=n, constant=obj.aggregation_constant)
     assert torch.allclose(loss.detach(), agg, atol=1e-6, rtol=0)
     loss.backward()
@@ -236,7 +238,7 @@ def test_presets_are_registry_combinations():
     registries = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES, "aggregation": AGGREGATIONS,
                   "kl_estimator": KL_ESTIMATORS}
     fields = set(Objective.__dataclass_fields__)
-    assert set(PRESETS) == {"ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"}
+    assert set(PRESETS) == {"ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "kimi"}
     for name, entry in PRESETS.items():
         assert set(entry) <= fields, name
         obj = _objective_for(name)

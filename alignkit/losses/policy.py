@@ -4,8 +4,8 @@ ALGORITHMS.md).
 Three registries, each entry carrying the flags a trainer asks about:
 
 - :data:`KL_ESTIMATORS`: per-token estimates of KL(pi_theta || pi_ref) from sampled tokens;
-- :data:`POLICY_LOSSES`: PPO clip (with DAPO clip-higher via ``eps_high`` and dual-clip) and GSPO;
-  each returns an UNREDUCED per-token loss ``[B, T]`` (0 on masked positions) and detached
+- :data:`POLICY_LOSSES`: PPO clip (with DAPO clip-higher via ``eps_high`` and dual-clip), GSPO and Kimi k1.5's
+  online mirror descent (``kimi_omd``); each returns an UNREDUCED per-token loss ``[B, T]`` (0 on masked positions) and detached
   scalar metrics;
 - :data:`AGGREGATIONS`: how a per-token loss becomes the scalar to backpropagate. The normaliser
   is counted over the WHOLE optimizer step (all micro-batches, and all ranks once the trainer
@@ -39,6 +39,7 @@ __all__ = [
     "get_kl_estimator",
     "get_policy_loss",
     "gspo",
+    "kimi_omd",
     "kl_k1",
     "kl_k2",
     "kl_k3",
@@ -216,13 +217,9 @@ def gspo(
     """
     m = mask_BT.to(logp_BT.dtype)
     n_B = m.sum(-1)
-    lr = torch.where(mask_BT.bool(), logp_BT - old_logp_BT, torch.zeros_like(logp_BT))
-    seq_lr = lr.sum(-1) / n_B.clamp_min(1.0)
+    seq_lr = _seq_log_ratio(logp_BT, old_logp_BT, mask_BT) / n_B.clamp_min(1.0)
     ratio_B = torch.exp(seq_lr.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
-    if adv_BT.dim() == 1:
-        adv_B = adv_BT.to(ratio_B.dtype)
-    else:
-        adv_B = (adv_BT.to(m.dtype) * m).sum(-1) / n_B.clamp_min(1.0)
+    adv_B = _seq_advantage(adv_BT, m)
     unclipped = -ratio_B * adv_B
     clipped = -ratio_B.clamp(1.0 - eps_low, 1.0 + eps_high) * adv_B
     loss_B = torch.maximum(unclipped, clipped)
@@ -230,6 +227,75 @@ def gspo(
     metrics = {
         "clip_frac": _masked_mean((clipped > unclipped).to(m.dtype), has).detach(),
         "ratio_mean": _masked_mean(ratio_B, has).detach(),
+    }
+    return PolicyOutput(losses=loss_B.unsqueeze(-1) * m, metrics=metrics)
+
+
+def _seq_log_ratio(logp_BT: Tensor, old_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """``sum_t m_t (logp_t - old_logp_t)`` per sequence [B]; masked positions never enter (garbage there is fine)."""
+    return torch.where(mask_BT.bool(), logp_BT - old_logp_BT, torch.zeros_like(logp_BT)).sum(-1)
+
+
+def _seq_advantage(adv_BT: Tensor, m_BT: Tensor) -> Tensor:
+    """One advantage per sequence [B]: ``adv`` itself if it is ``[B]``, else its masked token mean (the value
+    the trainer broadcast over the sequence's tokens)."""
+    if adv_BT.dim() == 1:
+        return adv_BT.to(m_BT.dtype)
+    return (adv_BT.to(m_BT.dtype) * m_BT).sum(-1) / m_BT.sum(-1).clamp_min(1.0)
+
+
+def kimi_omd(
+    logp_BT: Tensor,
+    old_logp_BT: Tensor,
+    adv_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    tau: float = 1.0,
+) -> PolicyOutput:
+    """Kimi k1.5 online mirror descent (Kimi Team 2501.12599, section 2.3.2): a squared loss per sequence.
+
+    Iteration i maximises ``E_{y~pi}[r(y)] - tau KL(pi || pi_i)`` against ``pi_i``, the policy of the current
+    iteration. Its optimum is ``pi*(y) = pi_i(y) exp(r(y)/tau) / Z`` with ``Z = E_{pi_i}[exp(r/tau)]``, so
+    ``r(y) - tau log Z = tau log(pi*(y)/pi_i(y))`` holds for EVERY y. The paper's surrogate regresses that
+    identity on the k samples ``y_j ~ pi_i`` of a prompt:
+
+        ``L = 1/k sum_j (r_j - b - tau * log(pi_theta(y_j) / pi_i(y_j)))^2``,
+
+    log-probs summed over the sequence's tokens. Its expectation is minimised (to 0) by ``pi*`` exactly when
+    ``b = tau log Z``. ``adv`` carries ``A_j = r_j - b`` from the advantage stage, so the baseline is an
+    advantage entry (``alignkit.rl.advantages``): ``dr_grpo``, ``b = mean_j r_j`` (Kimi's practical choice; by
+    Jensen ``E_{pi_i} r <= tau log Z``, and the optimum is then another policy: docs/reasoning.md measures the
+    gap), or ``log_mean_exp``, ``b = tau log(1/k sum_j exp(r_j/tau))``, the estimate of ``tau log Z`` from the
+    samples. ``adv`` may be ``[B]`` or ``[B, T]`` (then ``A_j`` is its masked token mean, the broadcast value).
+
+    ``old_logp_BT`` is ``log pi_i``: the behaviour log-probs of the rollout, i.e. the weights at the start of the
+    iteration that sampled it, held fixed for every update on that rollout (alignkit's "old" policy, or the
+    sampler's with ``correction_mode=bypass``). A rollout is one mirror-descent iteration: with several updates
+    per rollout (``ppo_epochs`` or ``mini_batches`` > 1) the later ones minimise the loss against the same
+    ``pi_i``. On the first update ``pi_theta = pi_i``, the log-ratio is 0 and the gradient is
+    ``-2 tau A_j grad log pi_theta(y_j)``: a policy gradient with advantage ``2 tau A_j``. Anchoring instead on
+    the current policy detached would keep that gradient forever (no trust region); not detached, no gradient.
+
+    ``L_j`` is written on every valid token of sequence j, like :func:`gspo`: with the ``seq_mean_token_mean``
+    aggregation the step loss is ``mean_j L_j``, the paper's ``1/k sum_j`` averaged over prompts.
+
+    Metrics (detached): ``log_ratio_mean``, the mean over sequences of ``log(pi_theta(y_j)/pi_i(y_j))``, and
+    ``ratio_mean``, of ``pi_theta(y_j)/pi_i(y_j)`` (log-ratio clamped to [-20, 20] before ``exp``).
+
+    Golden (tau = 0.5): sequence 1 with log-probs ``(-1, -2)`` against ``pi_i``'s ``(-1.5, -2.25)``: log-ratio
+    ``0.5 + 0.25 = 0.75``, ``A = 1`` -> ``(1 - 0.5 * 0.75)^2 = 0.390625`` on both tokens; sequence 2 with one
+    valid token, ``-0.5`` against ``-0.25``, ``A = -0.5`` -> ``(-0.5 + 0.125)^2 = 0.140625``. The gradient of
+    ``L_1`` with respect to each of its token log-probs is ``2 (1 - 0.375) (-0.5) = -0.625``.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    m = mask_BT.to(logp_BT.dtype)
+    seq_lr = _seq_log_ratio(logp_BT, old_logp_BT, mask_BT)
+    loss_B = (_seq_advantage(adv_BT, m) - tau * seq_lr) ** 2
+    has = (m.sum(-1) > 0).to(m.dtype)
+    metrics = {
+        "log_ratio_mean": _masked_mean(seq_lr, has).detach(),
+        "ratio_mean": _masked_mean(torch.exp(seq_lr.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)), has).detach(),
     }
     return PolicyOutput(losses=loss_B.unsqueeze(-1) * m, metrics=metrics)
 
@@ -254,8 +320,9 @@ def value_loss(
 
 @dataclass(frozen=True)
 class PolicyLossSpec:
-    """A registry entry. ``sequence_level``: one ratio per sequence (GSPO), so pair it with
-    ``seq_mean_token_mean`` to get the paper's objective. ``hparams``: keyword hyperparameters."""
+    """A registry entry. ``sequence_level``: one loss per sequence (GSPO, Kimi), so pair it with
+    ``seq_mean_token_mean`` to get the paper's objective. ``hparams``: keyword hyperparameters, each read from
+    the :class:`~alignkit.rl.objective.Objective` field of the same name."""
 
     name: str
     fn: Callable[..., PolicyOutput]
@@ -268,6 +335,7 @@ POLICY_LOSSES: dict[str, PolicyLossSpec] = {
     for s in (
         PolicyLossSpec("ppo_clip", ppo_clip, sequence_level=False, hparams=("eps_low", "eps_high", "dual_clip")),
         PolicyLossSpec("gspo", gspo, sequence_level=True, hparams=("eps_low", "eps_high")),
+        PolicyLossSpec("kimi_omd", kimi_omd, sequence_level=True, hparams=("tau",)),
     )
 }
 

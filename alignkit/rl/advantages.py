@@ -13,6 +13,7 @@ advantage per response; the trainer broadcasts it over that response's tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ __all__ = [
     "gae",
     "get_advantage",
     "grpo",
+    "log_mean_exp",
     "reinforce_pp",
     "rloo",
     "token_rewards",
@@ -165,6 +167,30 @@ def dr_grpo(rewards_BG: Tensor, valid_BG: Tensor | None = None) -> Tensor:
     return (rewards_BG - mean) * v
 
 
+def log_mean_exp(rewards_BG: Tensor, valid_BG: Tensor | None = None, *, tau: float = 1.0) -> Tensor:
+    """Reward minus Kimi k1.5's exact baseline (2501.12599, section 2.3.2):
+    ``A_i = R_i - tau * log(1/n sum_j exp(R_j / tau))`` over the n valid completions of the group.
+
+    ``tau log Z`` with ``Z = E_{pi_i}[exp(R / tau)]`` is the baseline under which the optimum of the
+    ``kimi_omd`` loss is exactly ``pi_i exp(R / tau) / Z`` (``alignkit.losses.policy.kimi_omd``);
+    ``1/n sum_j exp(R_j / tau)`` is an unbiased estimate of ``Z`` from samples of ``pi_i``, and its log a
+    consistent (by Jensen, low by O(1/n)) estimate of ``log Z``. ``tau -> inf`` gives the mean reward
+    (``dr_grpo``), ``tau -> 0`` the group's best reward. Computed with ``logsumexp``, so a small ``tau`` does not
+    overflow. ``valid_BG``: as in :func:`grpo` (invalid completions get 0, as does a group with none valid).
+
+    Golden (tau = 0.5): ``R = [[1, 0, 0, 1]]``: ``1/4 (2 e^2 + 2) = (e^2 + 1)/2 = 4.1945280``, baseline
+    ``0.5 log(4.1945280) = 0.7168904``, ``A = [[0.2831096, -0.7168904, -0.7168904, 0.2831096]]`` (the mean
+    baseline 0.5 would give +-0.5).
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    v = _check_groups(rewards_BG, valid_BG)
+    n = v.sum(dim=1, keepdim=True)
+    z = torch.where(v > 0, rewards_BG / tau, torch.full_like(rewards_BG, -math.inf))
+    b = tau * (torch.logsumexp(z, dim=1, keepdim=True) - n.clamp_min(1.0).log())
+    return torch.where(n > 0, rewards_BG - b, 0.0) * v
+
+
 def rloo(rewards_BG: Tensor, valid_BG: Tensor | None = None) -> Tensor:
     """REINFORCE leave-one-out (Ahmadian et al. 2402.14740; Kool et al. 2019):
     ``A_i = R_i - mean_{j != i} R_j = G/(G-1) * (R_i - mean_G R)``. Needs G >= 2.
@@ -217,12 +243,14 @@ def reinforce_pp(
 class AdvantageSpec:
     """A registry entry. ``needs_value_model``: takes critic values (GAE). ``needs_groups``: takes
     rewards laid out ``[B, G]`` (G responses per prompt) and returns ``[B, G]``; otherwise the
-    function works per token and returns ``[B, T]``."""
+    function works per token and returns ``[B, T]``. ``hparams``: keyword hyperparameters of a group
+    estimator, each read from the :class:`~alignkit.rl.objective.Objective` field of the same name."""
 
     name: str
     fn: Callable[..., Tensor | tuple[Tensor, Tensor]]
     needs_value_model: bool
     needs_groups: bool
+    hparams: tuple[str, ...] = ()
 
 
 ADVANTAGES: dict[str, AdvantageSpec] = {
@@ -232,6 +260,7 @@ ADVANTAGES: dict[str, AdvantageSpec] = {
         AdvantageSpec("grpo", grpo, needs_value_model=False, needs_groups=True),
         AdvantageSpec("dr_grpo", dr_grpo, needs_value_model=False, needs_groups=True),
         AdvantageSpec("rloo", rloo, needs_value_model=False, needs_groups=True),
+        AdvantageSpec("log_mean_exp", log_mean_exp, needs_value_model=False, needs_groups=True, hparams=("tau",)),
         AdvantageSpec("reinforce_pp", reinforce_pp, needs_value_model=False, needs_groups=False),
     )
 }

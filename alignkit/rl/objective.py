@@ -2,8 +2,8 @@
 
 An :class:`Objective` names one entry of each registry (advantage estimator, policy loss, loss aggregation,
 KL estimator, off-policy correction) plus where the KL penalty goes and its hyperparameters. PPO, GRPO,
-Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++ are entries of :data:`PRESETS`: field values, not code (DESIGN.md
-principle 2). The two functions here are everything a trainer needs between the rewards and ``loss.backward()``,
+Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++ and Kimi k1.5's mirror descent are entries of :data:`PRESETS`: field
+values, not code (DESIGN.md principle 2). The two functions here are everything a trainer needs between the rewards and ``loss.backward()``,
 and they are pure functions of tensors, so the tabular-bandit tests run exactly the code the trainer runs.
 
 KL placement (ALGORITHMS.md, "Online RL"):
@@ -59,6 +59,7 @@ class Objective:
     is_clip: float = 2.0  # C: the truncation of the importance ratio (tis, seq_mask_tis)
     is_low: float = 0.5  # the bounds outside which icepop, seq_mask_tis and mis mask
     is_high: float = 5.0
+    tau: float = 1.0  # Kimi k1.5: the KL coefficient of each mirror-descent iteration (kimi_omd, log_mean_exp)
 
     def validate(self) -> Objective:
         get_advantage(self.advantage), get_policy_loss(self.policy_loss), get_kl_estimator(self.kl_estimator)
@@ -85,6 +86,13 @@ class Objective:
             raise ConfigError(f"dual_clip must be > 1 (or unset), got {self.dual_clip}")
         if not (self.eps_low >= 0 and self.eps_high >= 0):
             raise ConfigError("eps_low and eps_high must be >= 0")
+        if not self.tau > 0:
+            raise ConfigError(f"tau must be > 0, got {self.tau}")
+        if self.policy_loss == "kimi_omd" and (self.advantage not in _KIMI_BASELINES or self.whiten_advantages):
+            raise ConfigError(f"policy_loss=kimi_omd regresses tau * log(pi/pi_i) on the reward minus a baseline: "
+                              f"advantage must be {' or '.join(_KIMI_BASELINES)} and whiten_advantages false (got "
+                              f"advantage={self.advantage}, whiten_advantages={self.whiten_advantages}); another "
+                              "scale of the advantage changes the optimum")
         return self
 
     @property
@@ -99,6 +107,9 @@ class Objective:
     def needs_groups(self) -> bool:
         return get_advantage(self.advantage).needs_groups
 
+
+# the baselines of kimi_omd: the group's mean reward (Kimi's choice) and the exact tau * log-mean-exp
+_KIMI_BASELINES = ("dr_grpo", "log_mean_exp")
 
 PRESETS: dict[str, dict] = {
     # Ouyang et al. 2203.02155: critic + GAE, k1 penalty in the reward, token-mean PPO clip.
@@ -122,6 +133,10 @@ PRESETS: dict[str, dict] = {
     # Hu 2501.03262: token-level k1 penalty in the reward, returns normalised over the batch.
     "reinforce_pp": dict(advantage="reinforce_pp", policy_loss="ppo_clip", aggregation="token_mean",
                          kl_estimator="k1", kl_in="reward", kl_coef=0.01),
+    # Kimi Team 2501.12599: squared loss against tau * log(pi/pi_i), pi_i the rollout's policy, the mean reward as
+    # the baseline (advantage=log_mean_exp for the exact tau log Z); the KL to pi_i is the loss itself.
+    "kimi": dict(advantage="dr_grpo", policy_loss="kimi_omd", aggregation="seq_mean_token_mean", kl_in="none",
+                 kl_coef=0.0),
 }
 
 
@@ -177,7 +192,8 @@ def compute_advantages(
             raise ValueError(f"{scores_B.shape[0]} completions do not split into groups of {group_size}")
         r_B = scores_B - obj.kl_coef * kl.sum(-1) if penalty else scores_B
         valid_B = mask_BT.bool().any(-1) if scored_B is None else scored_B.bool()
-        adv_B = spec.fn(r_B.view(-1, group_size), valid_B.view(-1, group_size)).reshape(-1)
+        hp = {k: getattr(obj, k) for k in spec.hparams}
+        adv_B = spec.fn(r_B.view(-1, group_size), valid_B.view(-1, group_size), **hp).reshape(-1)
         adv = adv_B[:, None] * m
     elif obj.advantage == "reinforce_pp":
         adv = spec.fn(scores_B, kl, mask_BT, beta=obj.kl_coef if penalty else 0.0, gamma=obj.gamma)
@@ -225,10 +241,7 @@ def policy_objective(
         raise ValueError(f"correction={obj.correction}, correction_mode={obj.correction_mode} need the sampler's "
                          "log-probs (rollout_logp_BT)")
     anchor = rollout_logp_BT if obj.correction_mode == "bypass" else old_logp_BT
-    hp = {"eps_low": obj.eps_low, "eps_high": obj.eps_high}
-    if "dual_clip" in spec.hparams:
-        hp["dual_clip"] = obj.dual_clip
-    out = spec.fn(logp_BT, anchor, adv_BT, mask_BT, **hp)
+    out = spec.fn(logp_BT, anchor, adv_BT, mask_BT, **{k: getattr(obj, k) for k in spec.hparams})
     losses = out.losses
     m = mask_BT.to(logp_BT.dtype)
     n_tok = float(m.sum())
