@@ -269,6 +269,23 @@ def test_overlong_wired_uses_context():
     assert _score("overlong", ["q"] * 3, ["a", "b", "c"], lengths=[80, 90, 120]) == [0.0, -0.5, -1.0]
 
 
+def test_l1_wired_uses_context():
+    """The registry's L1 rewards read answer, budget and lengths (declared, so a row without a budget is refused
+    before training) and take alpha and delta from the context."""
+    for name in ("l1_exact", "l1_max"):
+        assert REWARD_FUNCTIONS[name].columns == ("answer", "budget", "lengths")
+        assert load_reward_function(name, CTX)[1].columns == ("answer", "budget", "lengths")
+    cols = dict(answer=["7", "7"], budget=[100, 100], lengths=[150, 150])
+    assert _score("l1_exact", ["q", "q"], ["\\boxed{7}", "\\boxed{8}"], **cols) == pytest.approx([0.985, -0.015])
+    assert _score("l1_max", ["q", "q"], ["\\boxed{7}", "\\boxed{8}"], **cols) == pytest.approx([0.485, 0.0])
+    ctx = RewardContext(l1_alpha=0.002, l1_delta=0.25)
+    fn = load_reward_function("l1_max", ctx)[1]
+    one = {"answer": ["7"], "budget": [100], "lengths": [50]}
+    assert RewardSet([("l1_max", fn, 1.0)], timeout=5)(["q"], ["\\boxed{7}"], one).total == pytest.approx([0.35])
+    with pytest.raises(ConfigError, match="l1_exact"):
+        build_reward_set("l1_exact", "", RewardContext(l1_alpha=-1.0))
+
+
 def test_language_wired():
     assert _score("language", ["q", "q"], ["<think>hello</think>", "<think>你好</think>"]) == [1.0, 0.0]
 

@@ -1,4 +1,5 @@
-"""Verifiable rewards: extraction, safe equivalence, hostile inputs, DAPO overlong, Kimi length, format, language."""
+"""Verifiable rewards: extraction, safe equivalence, hostile inputs, DAPO overlong, Kimi length, L1 budgets, format,
+language."""
 
 import os
 import time
@@ -11,9 +12,12 @@ from alignkit.rl.verifiable import (
     correctness_reward,
     extract_answer,
     format_reward,
+    l1_exact,
+    l1_max,
     language_consistency,
     length_control,
     length_control_reward,
+    make_l1_reward,
     make_language_reward,
     make_overlong_reward,
     overlong_penalty,
@@ -187,6 +191,48 @@ def test_length_control_golden():
     assert got == pytest.approx([0.5, 0.0, -0.5, 0.0, -0.5])
     assert length_control([7, 7, 7], [True, False, True]) == [0.0, 0.0, 0.0]  # equal lengths: no signal
     assert length_control([], []) == []
+
+
+def test_length_control_hand_values_from_the_paper():
+    """Kimi k1.5 (2501.12599, "Length Penalty"): lam = 0.5 - (len - min_len)/(max_len - min_len) over the group's
+    k responses, right or wrong; reward lam if correct, min(0, lam) if wrong. Lengths 120..400 (range 280):
+    150 -> 0.5 - 30/280 = 11/28 (wrong: 0), 220 -> 0.5 - 100/280 = 1/7 (wrong: 0), 300 -> 0.5 - 180/280 = -1/7
+    (correct: kept), 350 -> 0.5 - 230/280 = -9/28 (wrong: kept, a long wrong answer is penalised)."""
+    got = length_control([120, 150, 400, 220, 300, 350], [True, False, True, False, True, False])
+    assert got == pytest.approx([0.5, 0.0, -0.5, 0.0, -1 / 7, -9 / 28])
+    assert length_control([150, 220], [True, True]) == pytest.approx([0.5, -0.5])  # the group sets the scale
+
+
+def test_l1_golden():
+    """L1 (2503.04697), alpha 0.0003, delta 0.5, hand values of the docstrings and the ends of the clip."""
+    assert l1_exact(True, 1200, 1000) == pytest.approx(0.94)
+    assert l1_exact(True, 800, 1000) == pytest.approx(0.94)  # |n_gold - n_y|: under or over alike
+    assert l1_exact(False, 700, 1000) == pytest.approx(-0.09)
+    assert l1_exact(True, 1000, 1000) == 1.0
+    assert l1_max(True, 1000, 1000) == pytest.approx(0.5)  # delta at the budget
+    assert l1_max(True, 500, 1000) == pytest.approx(0.65)
+    assert l1_max(True, 1500, 1000) == pytest.approx(0.35)
+    assert l1_max(True, 4000, 1000) == 0.0  # clipped at 0 from delta/alpha = 1666.7 tokens over
+    assert l1_max(True, 100, 4000) == 1.0  # clipped at 1 from (1 - delta)/alpha tokens under
+    assert l1_max(False, 500, 1000) == 0.0 and l1_max(False, 4000, 1000) == 0.0
+    assert l1_max(True, 1100, 1000, alpha=0.001, delta=0.2) == pytest.approx(0.1)
+    assert l1_exact(True, 1100, 1000, alpha=0.001) == pytest.approx(0.9)
+
+
+def test_l1_reward_function():
+    """Correctness from the answer, the budget from its column, the length from ``lengths``; no answer or no
+    budget -> None."""
+    completions = ["\\boxed{4}", "\\boxed{5}", "\\boxed{4}", "\\boxed{4}", "\\boxed{4}"]
+    cols = dict(answer=["4", "4", None, "4", "4"], budget=[1000, 1000, 1000, None, "2000"],
+                lengths=[1500, 1500, 10, 10, 2000])
+    exact = make_l1_reward("exact")([""] * 5, completions, **cols)
+    assert exact == pytest.approx([1 - 0.15, -0.15, None, None, 1.0])
+    assert make_l1_reward("max")([""] * 5, completions, **cols) == pytest.approx([0.35, 0.0, None, None, 0.5])
+    assert make_l1_reward("max", alpha=0.001, delta=0.9)([""], ["\\boxed{4}"], answer=["4"], budget=[100],
+                                                           lengths=[150]) == pytest.approx([0.85])
+    for bad in (dict(mode="min"), dict(mode="exact", alpha=-1.0)):
+        with pytest.raises(ValueError):
+            make_l1_reward(**bad)
 
 
 def test_length_control_reward_groups_by_prompt():

@@ -1,4 +1,4 @@
-"""Online RL: ``alignkit grpo preset=grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp`` and ``alignkit ppo``.
+"""Online RL: ``alignkit grpo preset=grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp|kimi`` and ``alignkit ppo``.
 
 Prompt rows (``prompt`` as text or a message list, plus any columns the reward functions read, e.g. ``answer``)
 -> rollouts (the in-process engine) -> rewards -> advantages -> the policy loss, all on the one training loop
@@ -72,6 +72,14 @@ def encode_split(cfg: RolloutConfig, tok, train_ex: list, held: list) -> tuple[l
     return encode_prompts(train_ex, tok, limit, cfg.data), held_prompts
 
 
+def reward_context(cfg, **extra) -> RewardContext:
+    """The reward functions' settings from a run's config (the overlong buffer defaults to a quarter of the token
+    limit); ``extra``: further :class:`RewardContext` fields."""
+    return RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
+                         overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4),
+                         l1_alpha=cfg.l1_alpha, l1_delta=cfg.l1_delta, **extra)
+
+
 def check_reward_columns(rewards, examples: list, path: str) -> None:
     """Every column a reward function reads (its declared ``columns``) is in every row: exit 2 naming the
     column, the reward and the first row without it, before any model is loaded. Without this a missing
@@ -135,10 +143,9 @@ def prepare_online(cfg: RolloutConfig) -> Online:
         raise ConfigError(f"max_staleness={cfg.max_staleness} (asynchronous rollouts) with several training processes "
                           "is not supported yet: run one process, or max_staleness=0")
     seed_everything(cfg.seed)
-    ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
-                        overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4),
-                        place_model=lambda model: strategy.prepare(model, cfg))  # a reward model: frozen, sharded
-    rewards = build_reward_set(cfg.rewards, cfg.reward_weights, ctx)
+    # a reward model: frozen, sharded
+    rewards = build_reward_set(cfg.rewards, cfg.reward_weights,
+                               reward_context(cfg, place_model=lambda model: strategy.prepare(model, cfg)))
     train_ex, held_ex = load_prompts(cfg)
     check_reward_columns(rewards, train_ex, cfg.data)
     check_reward_columns(rewards, held_ex, cfg.eval_data or cfg.data)

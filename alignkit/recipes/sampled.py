@@ -11,10 +11,10 @@ from alignkit.data.formats import load_examples
 from alignkit.errors import ConfigError
 from alignkit.models.loading import load_model
 from alignkit.recipes.common import log_data, seed_everything, setup_logging
-from alignkit.recipes.rl import check_reward_columns, encode_prompts, evaluator
+from alignkit.recipes.rl import check_reward_columns, encode_prompts, evaluator, reward_context
 from alignkit.rl.best_of_n import sample_groups
 from alignkit.rl.engines import build_engine
-from alignkit.rl.rewards import RewardContext, build_reward_set
+from alignkit.rl.rewards import build_reward_set
 from alignkit.train import dist, strategy
 from alignkit.train.iterations import finish, finished, iteration_dir, write_json
 
@@ -33,9 +33,7 @@ def start(cfg, scored: bool = True):
                           "pairwise judge: llm:MODEL or an http(s):// endpoint)")
     rewards = None
     if cfg.rewards:
-        ctx = RewardContext(max_new_tokens=cfg.max_new_tokens, language=cfg.language, timeout=cfg.reward_timeout,
-                            overlong_buffer=cfg.overlong_buffer or max(1, cfg.max_new_tokens // 4))
-        rewards = build_reward_set(cfg.rewards, cfg.reward_weights, ctx)
+        rewards = build_reward_set(cfg.rewards, cfg.reward_weights, reward_context(cfg))
     loaded = load_examples(cfg.data, "prompt", skip_invalid=cfg.skip_invalid)
     log_data(loaded)
     if rewards is not None:

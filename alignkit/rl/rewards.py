@@ -10,8 +10,8 @@ through ``**_``.
 
 Where rewards come from (:func:`load_reward_function`)
 ------------------------------------------------------
-- a name in :data:`REWARD_FUNCTIONS` (``correctness``, ``format``, ``length``, ``overlong``, ``language``),
-  built once from a :class:`RewardContext` holding the trainer's settings;
+- a name in :data:`REWARD_FUNCTIONS` (``correctness``, ``format``, ``length``, ``overlong``, ``language``,
+  ``l1_exact``, ``l1_max``), built once from a :class:`RewardContext` holding the trainer's settings;
 - ``rm:PATH``: a reward model trained by alignkit (``RewardScorer.load(PATH).score(prompts, completions)``,
   normalised and aspect-weighted as the model's ``alignkit_rm.json`` says); loaded on first use, once;
 - ``package.module:function`` or ``path/to/file.py:function``: a user's function, imported.
@@ -105,13 +105,16 @@ class RewardContext:
     ``max_new_tokens``: the generation limit L (DAPO overlong shaping); ``overlong_buffer``: its buffer B
     (penalty from ``L - B`` tokens on); ``language``: the target language of ``language`` (``en``/``zh``);
     ``timeout``: seconds one reward function may take on one batch (0 or less: no limit); ``place_model``:
-    puts a loaded reward model where the run computes (its device, sharded under ``strategy=fsdp2``).
+    puts a loaded reward model where the run computes (its device, sharded under ``strategy=fsdp2``);
+    ``l1_alpha``, ``l1_delta``: the coefficients of the L1/LCPO rewards ``l1_exact`` and ``l1_max``.
     """
 
     max_new_tokens: int = 1024
     overlong_buffer: int = 256
     language: str = "en"
     timeout: float = 30.0
+    l1_alpha: float = 0.0003
+    l1_delta: float = 0.5
     place_model: Callable[[Any], Any] | None = field(default=None, compare=False)  # a reward model, once loaded
 
 
@@ -154,6 +157,16 @@ def _language(ctx: RewardContext) -> RewardFn:
         raise ConfigError(f"reward 'language': {e}") from None
 
 
+def _l1(mode: str) -> Callable[[RewardContext], RewardFn]:
+    def factory(ctx: RewardContext) -> RewardFn:
+        try:
+            return _warmed(V.make_l1_reward(mode, ctx.l1_alpha, ctx.l1_delta))
+        except ValueError as e:
+            raise ConfigError(f"reward 'l1_{mode}': {e} (set l1_alpha)") from None
+
+    return factory
+
+
 REWARD_FUNCTIONS: dict[str, RewardSpec] = {
     s.name: s
     for s in (
@@ -168,6 +181,10 @@ REWARD_FUNCTIONS: dict[str, RewardSpec] = {
                    description="DAPO overlong shaping: 0 up to L-B tokens, linear to -1 at L, -1 beyond"),
         RewardSpec("language", _language, (), group_aware=False,
                    description="share of the chain of thought written in the target language"),
+        RewardSpec("l1_exact", _l1("exact"), ("answer", "budget", "lengths"), group_aware=False,
+                   description="L1/LCPO-Exact: 1[correct] - l1_alpha * |budget - tokens|"),
+        RewardSpec("l1_max", _l1("max"), ("answer", "budget", "lengths"), group_aware=False,
+                   description="L1/LCPO-Max: 1[correct] * clip(l1_alpha * (budget - tokens) + l1_delta, 0, 1)"),
     )
 }
 

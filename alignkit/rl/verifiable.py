@@ -36,9 +36,12 @@ __all__ = [
     "correctness_reward",
     "extract_answer",
     "format_reward",
+    "l1_exact",
+    "l1_max",
     "language_consistency",
     "length_control",
     "length_control_reward",
+    "make_l1_reward",
     "make_language_reward",
     "make_overlong_reward",
     "overlong_penalty",
@@ -618,6 +621,64 @@ def length_control_reward(prompts: Sequence, completions: Sequence, answer: Sequ
         for i, v in zip(idx, length_control([ns[i] for i in idx], [ok[i] == 1.0 for i in idx])):
             out[i] = v
     return out
+
+
+def l1_exact(correct: bool, n_tokens: float, budget: float, alpha: float = 0.0003) -> float:
+    """L1's LCPO-Exact reward (Aggarwal and Welleck 2503.04697, section 3, "Length Controlled Policy
+    Optimization"): ``r = 1[y correct] - alpha * |n_gold - n_y|``, with ``n_gold`` the number of tokens the
+    prompt asks for (``budget``) and ``n_y`` the completion's. A wrong answer is penalised for its length error
+    too. The paper trains with ``alpha = 0.0003``.
+
+    Golden: correct, 1200 tokens for a budget of 1000 -> ``1 - 0.0003 * 200 = 0.94``; wrong, 700 tokens ->
+    ``0 - 0.0003 * 300 = -0.09``.
+    """
+    return float(bool(correct)) - alpha * abs(budget - n_tokens)
+
+
+def l1_max(correct: bool, n_tokens: float, budget: float, alpha: float = 0.0003, delta: float = 0.5) -> float:
+    """L1's LCPO-Max reward (Aggarwal and Welleck 2503.04697, section 3): ``budget`` is a ceiling,
+    ``r = 1[y correct] * clip(alpha * (n_gold - n_y) + delta, 0, 1)``. A wrong answer gets 0 whatever its
+    length; a correct one gets ``delta`` at the budget, more below it (1 from ``(1 - delta) / alpha`` tokens
+    under), less above it, and 0 from ``delta / alpha`` tokens over (``delta = 0.5`` as in the paper, so a
+    correct answer slightly over the budget still beats a wrong one).
+
+    Golden (alpha 0.0003, delta 0.5, budget 1000): correct at 500 tokens -> ``0.15 + 0.5 = 0.65``; at 1500 ->
+    ``-0.15 + 0.5 = 0.35``; at 4000 -> ``-0.9 + 0.5`` clipped to 0; with a budget of 4000 and 100 tokens ->
+    ``1.17 + 0.5`` clipped to 1; wrong -> 0.
+    """
+    return float(bool(correct)) * min(1.0, max(0.0, alpha * (budget - n_tokens) + delta))
+
+
+def make_l1_reward(mode: str, alpha: float = 0.0003, delta: float = 0.5) -> RewardFn:
+    """A reward function applying :func:`l1_exact` (``mode="exact"``) or :func:`l1_max` (``mode="max"``).
+
+    Correctness comes from :func:`correctness_reward` (the ``answer`` column), the budget ``n_gold`` from the
+    ``budget`` column (tokens; the prompt itself should state it, e.g. "Think for 1000 tokens.", as L1's
+    prompts do), ``n_y`` from ``lengths`` (the completion's token count, supplied by the trainer; without it the
+    character length, so give budgets in characters then). A row without a reference answer or a budget gets
+    None.
+    """
+    if mode not in ("exact", "max"):
+        raise ValueError(f"mode must be 'exact' or 'max', got {mode!r}")
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+
+    def l1_reward(prompts: Sequence, completions: Sequence, answer: Sequence, budget: Sequence,
+                  lengths: Sequence | None = None, **_: Any) -> list:
+        ok = correctness_reward(prompts, completions, answer)
+        ns = list(lengths) if lengths is not None else [len(_text(c)) for c in completions]
+        out: list[float | None] = []
+        for correct, n, gold in zip(ok, ns, budget):
+            if correct is None or gold is None or not str(gold).strip():
+                out.append(None)
+            elif mode == "exact":
+                out.append(l1_exact(correct == 1.0, n, float(gold), alpha))
+            else:
+                out.append(l1_max(correct == 1.0, n, float(gold), alpha, delta))
+        return out
+
+    l1_reward.__name__ = f"l1_{mode}_reward"
+    return l1_reward
 
 
 def _is_cjk(ch: str) -> bool:
