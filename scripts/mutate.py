@@ -639,6 +639,39 @@ MUTATIONS: list[Mutation] = [
              "        if not (name != \"tiny\" and (Path(str(resolve_model(name))) / META).is_file()):  # a trained RM: warm start",
              "        if True:", ("tests/test_feedback_loop.py",), "a reward model loaded to continue loses its trained head",
              k="warm_start"),
+    # ---------------------------------------------------------------- reasoning: Kimi k1.5 mirror descent, L1 budgets
+    Mutation("kimi_exact_baseline_mean", "alignkit/rl/advantages.py",
+             "    b = tau * (torch.logsumexp(z, dim=1, keepdim=True) - n.clamp_min(1.0).log())",
+             "    b = (rewards_BG * v).sum(dim=1, keepdim=True) / n.clamp_min(1.0)",
+             ("tests/test_kimi_omd.py",), "the exact baseline tau log Z is the mean reward: each mirror-descent "
+             "iteration lands elsewhere (0.134 TV at tau 0.5, 0.0063 at tau 2)", k="exact_baseline_reaches"),
+    Mutation("kimi_tau_dropped", "alignkit/losses/policy.py",
+             "    loss_B = (_seq_advantage(adv_BT, m) - tau * seq_lr) ** 2",
+             "    loss_B = (_seq_advantage(adv_BT, m) - seq_lr) ** 2",
+             ("tests/test_kimi_omd.py",), "kimi_omd regresses log(pi/pi_i) without tau: the update of tau = 1 "
+             "whatever tau is asked for", k="exact_baseline_reaches"),
+    Mutation("kimi_reference_current_detached", "alignkit/losses/policy.py",
+             "    seq_lr = _seq_log_ratio(logp_BT, old_logp_BT, mask_BT)\n",
+             "    seq_lr = _seq_log_ratio(logp_BT, logp_BT.detach(), mask_BT)\n",
+             ("tests/test_kimi_omd.py",), "kimi_omd anchors on the current policy (detached), not pi_i: a policy "
+             "gradient forever, the KL to pi_i gone", k="exact_baseline_reaches"),
+    Mutation("kimi_reference_current", "alignkit/losses/policy.py",
+             "    seq_lr = _seq_log_ratio(logp_BT, old_logp_BT, mask_BT)\n",
+             "    seq_lr = _seq_log_ratio(logp_BT, logp_BT, mask_BT)\n",
+             ("tests/test_kimi_omd.py",), "kimi_omd anchors on the current policy (not detached): no gradient at all",
+             k="exact_baseline_reaches"),
+    Mutation("kimi_tau_not_passed", "alignkit/rl/objective.py",
+             "        hp = {k: getattr(obj, k) for k in spec.hparams}\n", "        hp = {}\n",
+             ("tests/test_kimi_omd.py",), "the log-mean-exp baseline ignores the objective's tau (uses 1)",
+             k="exact_baseline_reaches"),
+    Mutation("l1_max_unclipped", "alignkit/rl/verifiable.py",
+             "min(1.0, max(0.0, alpha * (budget - n_tokens) + delta))", "(alpha * (budget - n_tokens) + delta)",
+             ("tests/test_verifiable.py",), "L1-Max is not clipped to [0, 1]: far under budget pays more than a "
+             "correct answer, far over it goes negative", k="l1"),
+    Mutation("l1_exact_signed", "alignkit/rl/verifiable.py",
+             "alpha * abs(budget - n_tokens)", "alpha * (budget - n_tokens)",
+             ("tests/test_verifiable.py",), "L1-Exact rewards running over the budget instead of penalising it",
+             k="l1"),
 ]
 
 
