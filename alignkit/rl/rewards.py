@@ -11,7 +11,8 @@ through ``**_``.
 Where rewards come from (:func:`load_reward_function`)
 ------------------------------------------------------
 - a name in :data:`REWARD_FUNCTIONS` (``correctness``, ``format``, ``length``, ``overlong``, ``language``,
-  ``l1_exact``, ``l1_max``), built once from a :class:`RewardContext` holding the trainer's settings;
+  ``l1_exact``, ``l1_max``, ``code``, ``code_share``), built once from a :class:`RewardContext` holding the
+  trainer's settings (``code`` runs the completion's code in a sandbox: :mod:`alignkit.rl.code_reward`);
 - ``rm:PATH``: a reward model trained by alignkit (``RewardScorer.load(PATH).score(prompts, completions)``,
   normalised and aspect-weighted as the model's ``alignkit_rm.json`` says); loaded on first use, once;
 - ``package.module:function`` or ``path/to/file.py:function``: a user's function, imported.
@@ -79,6 +80,7 @@ from typing import Any
 
 from alignkit.errors import ConfigError
 from alignkit.rl import verifiable as V
+from alignkit.rl.code_reward import CodeReward
 from alignkit.rl.verifiable import RewardFn
 from alignkit.train import dist, strategy
 
@@ -150,6 +152,18 @@ def _overlong(ctx: RewardContext) -> RewardFn:
         raise ConfigError(f"reward 'overlong': {e} (set overlong_buffer between 1 and max_new_tokens)") from None
 
 
+def _code(share: bool) -> Callable[[RewardContext], RewardFn]:
+    """The sandboxed code reward, finishing a batch just inside the RewardSet's deadline (alignkit.rl.code_reward)."""
+
+    def factory(ctx: RewardContext) -> RewardFn:
+        budget = ctx.timeout - max(1.0, 0.1 * ctx.timeout) if ctx.timeout and ctx.timeout > 0 else 0.0
+        if ctx.timeout and ctx.timeout > 0 and budget < 1.0:
+            raise ConfigError(f"reward 'code': reward_timeout={ctx.timeout} leaves no time to run code (use >= 2)")
+        return CodeReward(share=share, budget=budget)
+
+    return factory
+
+
 def _language(ctx: RewardContext) -> RewardFn:
     try:
         return V.make_language_reward(ctx.language)
@@ -170,6 +184,10 @@ def _l1(mode: str) -> Callable[[RewardContext], RewardFn]:
 REWARD_FUNCTIONS: dict[str, RewardSpec] = {
     s.name: s
     for s in (
+        RewardSpec("code", _code(False), ("tests",), group_aware=False,
+                   description="1 if the completion's code passes the 'tests' column in the sandbox, else 0"),
+        RewardSpec("code_share", _code(True), ("tests",), group_aware=False,
+                   description="share of the 'tests' column's asserts the completion's code passes (sandboxed)"),
         RewardSpec("correctness", lambda ctx: _warmed(V.correctness_reward), ("answer",), group_aware=False,
                    description="1 if the extracted final answer equals the 'answer' column, else 0"),
         RewardSpec("format", lambda ctx: V.format_reward, (), group_aware=False,
