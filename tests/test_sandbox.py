@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -71,11 +72,13 @@ def clean():
         if not left and not new:
             return
         time.sleep(0.1)
-    for line in left:  # a failed test still ends what it started
+    for line in left:  # a failed test still ends what it started, and removes what it left
         try:
             os.kill(int(line.split()[0]), 9)
         except OSError:
             pass
+    for folder in new:
+        shutil.rmtree(folder, ignore_errors=True)
     assert not left, f"processes left behind: {left}"
     assert not new, f"temporary directories left behind: {new}"
 
