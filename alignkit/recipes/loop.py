@@ -331,9 +331,10 @@ def one_round(cfg, store, it: Path, k: int, current: str, rm_path, g: dict, gold
               "rm_gold_accuracy": accuracy, "gold_pairs": len(gold), "compare": verdict,
               "promoted": promoted, "policy_before": current, "candidate": new_policy or current}
     write_json(it / "report.json", report)
-    log.info("round %d: reward model accuracy on the gold set %s; the new policy wins %s against the current one: %s",
-             k, accuracy, None if verdict is None else f"{verdict['win_rate']:.3f} [{verdict['lower']:.3f}, "
-             f"{verdict['upper']:.3f}]", "promoted" if promoted else "rolled back")
+    outcome = ("no candidate policy (nothing to train on, or align=none): the current one stays" if verdict is None
+               else f"the new policy wins {verdict['win_rate']:.3f} [{verdict['lower']:.3f}, {verdict['upper']:.3f}] "
+               f"against the current one: {'promoted' if promoted else 'rolled back'}")
+    log.info("round %d: reward model accuracy on the gold set %s; %s", k, accuracy, outcome)
     return {**report, "policy": new_policy or current, "reward_model": new_rm,
             "versions": {"votes": store.snapshot_hash(cfg.project), "reward_model": file_hash(rm_dir / "final"),
                          "policy": file_hash(Path(new_policy)) if new_policy else None,
