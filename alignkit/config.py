@@ -553,6 +553,27 @@ class SelfRewardConfig(RolloutConfig, DPOConfig):
 
 
 @dataclass
+class IterativeDPOConfig(RolloutConfig, DPOConfig):
+    """On-policy iterative DPO (RLHFlow, 2405.07863): sample N per prompt, the rewards' best against their worst
+    (ties dropped), DPO from the current model, repeat."""
+
+    iterations: int = opt(2, "Rounds of sample -> pair -> DPO; each writes output_dir/iter_K.")
+    num_generations: int = opt(4, "N: completions sampled per prompt and iteration.")
+    rewards: str = opt("correctness", "Reward functions that score each sample (the judge): correctness, format, "
+                       "rm:PATH, module:function or file.py:function.", list_as="comma")
+    batch_size: int = opt(8, "Pairs per micro-batch of each iteration's DPO.")
+    lr: float = _like(DPOConfig, "lr")
+    steps_are_rollouts = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss == "kto":
+            raise ConfigError("iterative DPO trains on (best, worst) pairs: choose a paired loss, not kto")
+        if self.num_generations < 2 or self.iterations < 1:
+            raise ConfigError("need num_generations >= 2 (a best and a worst) and iterations >= 1")
+
+
+@dataclass
 class FeedbackItemsConfig(RolloutConfig):
     """``alignkit feedback generate``: items for the feedback app, sampled from one or two policies."""
 
