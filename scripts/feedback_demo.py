@@ -18,7 +18,8 @@ Runs (each one ``alignkit loop`` into OUTPUT/<name>):
 - ``uniform`` and ``uncertain``: the reward model only, ``votes`` votes a round (one annotator per pair, no
   adversaries) on pairs shown in random order or least-certain first out of ``pool`` x ``items`` proposed.
 
-Writes OUTPUT/report.md, OUTPUT/feedback_demo.json and OUTPUT/feedback_loop.png; with ``screenshots=1`` also
+Writes OUTPUT/report.md (with the paired bootstrap of the filter's gain on the gold set), OUTPUT/feedback_demo.json
+and OUTPUT/feedback_loop.png; with ``screenshots=1`` also
 screenshots of the app on the main run's store (OUTPUT/app_*.png, needs Playwright and Chromium). Settings:
 ``python scripts/feedback_demo.py rounds=2 items=32``; ``only=main,uniform`` runs some; ``resume=1`` keeps
 finished runs' rounds.
@@ -114,6 +115,34 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def paired_filter_gain(out: Path, rounds: int, resamples: int = 10_000) -> dict:
+    """Each round, the gold-set accuracy of the reward model trained without the adversaries (``filtered``) minus
+    that of the one trained on every vote (``keep_all``), on the same gold pairs, with a paired bootstrap 95%
+    interval."""
+    import random
+
+    from alignkit.models.reward import RewardScorer
+
+    gold = [json.loads(line) for line in (out / "keep_all" / "gold_pairs.jsonl").read_text().splitlines()]
+
+    def correct(path: Path) -> list[float]:
+        scorer = RewardScorer.load(path, precision="bf16")
+        chosen = scorer.score([g["prompt"] for g in gold], [g["chosen"] for g in gold]).tolist()
+        rejected = scorer.score([g["prompt"] for g in gold], [g["rejected"] for g in gold]).tolist()
+        return [float(c > r) for c, r in zip(chosen, rejected)]
+
+    result = {}
+    for k in range(1, rounds + 1):
+        kept, dropped = (correct(out / name / f"round_{k}" / "rm" / "final") for name in ("keep_all", "filtered"))
+        diff = [b - a for a, b in zip(kept, dropped)]
+        rng = random.Random(k)
+        boots = sorted(sum(rng.choice(diff) for _ in diff) / len(diff) for _ in range(resamples))
+        result[k] = {"keep_all": sum(kept) / len(kept), "filtered": sum(dropped) / len(dropped),
+                     "gain": sum(diff) / len(diff), "lower": boots[int(0.025 * resamples)],
+                     "upper": boots[int(0.975 * resamples) - 1]}
+    return result
+
+
 def screenshots(store: Path, out: Path) -> list[str]:
     """The annotator's page (a pair to judge) and the admin page on the main run's store."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -174,8 +203,10 @@ def main(argv: list[str]) -> None:
         print(f"[feedback demo] {name}: {minutes[name]:.1f} min", flush=True)
     plot(results, out / "feedback_loop.png")
     shots = screenshots(out / "main" / "feedback.sqlite", out) if s["screenshots"] and "main" in results else []
+    gain = paired_filter_gain(out, s["rounds"]) if {"keep_all", "filtered"} <= set(results) else {}
     (out / "feedback_demo.json").write_text(json.dumps({"settings": s, "minutes": minutes, "results": results,
-                                                        "screenshots": shots}, indent=2, default=str))
+                                                        "filter_gain": gain, "screenshots": shots}, indent=2,
+                                                       default=str))
     lines = ["# The feedback loop on the default model, simulated crowd", "",
              f"Settings: {json.dumps({k: v for k, v in s.items() if k not in ('only', 'resume')})}", ""]
     for name, res in results.items():
@@ -187,6 +218,12 @@ def main(argv: list[str]) -> None:
             win = f"{c['win_rate']:.3f} [{c['lower']:.3f}, {c['upper']:.3f}]" if c else "-"
             lines.append(f"| {r['round']} | {r['votes_used']} | {len(r['dropped_annotators'])} | "
                          f"{r['rm_gold_accuracy']:.3f} | {win} | {r['promoted']} |")
+        lines.append("")
+    if gain:
+        lines += ["## Dropping the adversaries: gold-set accuracy, filtered minus keep_all (paired bootstrap 95%)", "",
+                  "| round | keep_all | filtered | gain [95%] |", "|---|---|---|---|"]
+        lines += [f"| {k} | {g['keep_all']:.3f} | {g['filtered']:.3f} | {g['gain']:+.3f} [{g['lower']:+.3f}, "
+                  f"{g['upper']:+.3f}] |" for k, g in gain.items()]
         lines.append("")
     lines.append("![reward model accuracy and win rates](feedback_loop.png)")
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -26,7 +26,7 @@ def project_stats(store: SQLiteStore, project: str, bootstrap_rounds: int = 200,
     x = m["ratings"]
     level = "nominal"
     stats: dict = {"project": project, "kind": m["kind"], "counts": store.counts(project), "formats": list(FORMATS),
-                   "plots": [p for p in PLOTS if p != "models" or m["kind"] in ("pairwise", "arena")]}
+                   "plots": [p for p in PLOTS if p != "models"]}
     agree = {"annotators": len(m["annotators"]), "units": len(m["units"]), "alpha": None,
              "pairwise_agreement": None, "fleiss_kappa": None}
     if x.size:
@@ -45,6 +45,8 @@ def project_stats(store: SQLiteStore, project: str, bootstrap_rounds: int = 200,
     fights = battles(store, project) if leaderboard else []
     stats["leaderboard"] = (ratings.leaderboard_rows(ratings.bootstrap_ratings(fights, rounds=bootstrap_rounds))
                             if len({f["model_a"] for f in fights} | {f["model_b"] for f in fights}) >= 2 else [])
+    if stats["leaderboard"]:  # votes between two named models: their ratings are plotted too
+        stats["plots"].append("models")
     return stats
 
 
