@@ -24,7 +24,7 @@ from itertools import combinations
 import numpy as np
 
 from alignkit.feedback import agreement
-from alignkit.feedback.store import SQLiteStore
+from alignkit.feedback.store import FeedbackError, SQLiteStore
 
 FORMATS = ("pairs", "rankings", "kto", "sft", "votes")
 PAIR_LABEL = {"a": 0, "b": 1, "tie": 2, "both_bad": 3}
@@ -90,8 +90,6 @@ def kept_votes(store: SQLiteStore, project: str, *, min_annotator_agreement: flo
 def export_rows(store: SQLiteStore, project: str, fmt: str = "pairs", *, include_gold: bool = False,
                 **filters) -> list[dict]:
     """Rows of ``fmt`` (see the module's docstring) from the votes that pass ``filters`` (:func:`kept_votes`)."""
-    from alignkit.feedback.store import FeedbackError
-
     if fmt not in FORMATS:
         raise FeedbackError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     kind = store.project(project)["kind"]
