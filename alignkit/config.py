@@ -255,6 +255,10 @@ class RolloutConfig(TrainConfig):
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability (scoring uses the full distribution).")
     top_k: int = opt(0, "Sample among the k most likely tokens (0: off; scoring uses the full distribution).")
     stop: str = opt("", "Stop string, or a JSON list of them (e.g. '[\"\\n\\n\", \"Question:\"]'; in YAML a list).", list_as="json")
+    thinking: str = opt("auto", "Thinking mode of reasoning models (docs/reasoning.md): on (the engine opens <think>), off (an empty thinking block, answer directly) or auto (a prompt's /think or /no_think, else the model decides).", ("auto", "on", "off"))
+    max_thinking_tokens: int = opt(0, "Thinking budget in tokens per completion, the block's tags and forced tokens included (0: none).")
+    min_thinking_tokens: int = opt(0, "s1 budget forcing: an end of thinking before this many tokens is replaced by 'Wait' (0: off).")
+    budget_action: str = opt("force_end", "At the thinking budget: force_end (append \\n</think>\\n\\n) or transition (Qwen3's 'Considering the limited time...' then </think>).", ("force_end", "transition"))
     rollout_precision: str = opt("bf16", "Generation precision: a bf16 copy of the weights (fast) or the fp32 model.", ("bf16", "fp32"))
     rollout_batch: int = opt(64, "Sequences generated at once.")
     rollout_fast_decode: bool = opt(True, "Lean decode steps for Llama-style models on the CPU (false: transformers' forward).")
@@ -274,6 +278,11 @@ class RolloutConfig(TrainConfig):
     batch_size: int = opt(2, "Prompt groups (a prompt and its completions) per micro-batch.")
     eval_prompts: int = opt(0, "Held-out prompts scored (greedy) at each evaluation; 0: all of them.")
     lr: float = opt(1e-6, "Peak learning rate of AdamW.")
+
+    @property
+    def thinking_mode(self) -> bool | None:
+        """``thinking`` as the rollout engine's flag: on True, off False, auto None."""
+        return {"on": True, "off": False}.get(self.thinking)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -306,6 +315,22 @@ class RolloutConfig(TrainConfig):
             raise ConfigError(f"stop={self.stop!r}: not a JSON list of strings ({e})") from None
         if not all(isinstance(x, str) and x for x in stops):
             raise ConfigError(f"stop={self.stop!r}: expected non-empty strings")
+        self._validate_thinking()
+
+    def _validate_thinking(self) -> None:
+        if self.max_thinking_tokens < 0 or self.min_thinking_tokens < 0:
+            raise ConfigError(f"max_thinking_tokens={self.max_thinking_tokens} and min_thinking_tokens="
+                              f"{self.min_thinking_tokens} must be >= 0 (0: off)")
+        if self.max_thinking_tokens and self.min_thinking_tokens > self.max_thinking_tokens:
+            raise ConfigError(f"min_thinking_tokens={self.min_thinking_tokens} is above max_thinking_tokens="
+                              f"{self.max_thinking_tokens}: the budget would always cut the thinking first")
+        if self.thinking == "off" and (self.max_thinking_tokens or self.min_thinking_tokens):
+            raise ConfigError("thinking=off answers after an empty thinking block: max_thinking_tokens and "
+                              "min_thinking_tokens do not apply (set them to 0, or thinking=on/auto)")
+        if self.rollout_backend == "vllm" and (self.thinking != "auto" or self.max_thinking_tokens
+                                               or self.min_thinking_tokens):
+            raise ConfigError("thinking, max_thinking_tokens and min_thinking_tokens are implemented by alignkit's "
+                              "own rollout engine (rollout_backend=local or ray), not rollout_backend=vllm")
 
 
 @dataclass

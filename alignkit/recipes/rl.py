@@ -17,6 +17,7 @@ Held-out prompts (``eval_data`` or ``eval_fraction``) are answered greedily befo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -32,12 +33,12 @@ from alignkit.models.loading import LoraSettings, compile_layers, load_model
 from alignkit.recipes.common import (log_data, resuming, save_final, seed_everything, setup_logging, split_eval,
                                      write_config)
 from alignkit.rl.objective import KLController
-from alignkit.rl.rewards import SUPPLIED_COLUMNS, RewardContext, build_reward_set
+from alignkit.rl.rewards import SUPPLIED_COLUMNS, RewardContext, build_reward_set, completion_columns
 from alignkit.rl.engines import build_engine
 from alignkit.rl.pipeline import Serialised, pipelined
-from alignkit.rl.rollout import RolloutEngine, SamplingParams
+from alignkit.rl.rollout import RolloutEngine
 from alignkit.rl.sampling import Curriculum, DynamicSampler, PromptSampler
-from alignkit.rl.trainer import ActorCritic, Collector, PolicyTask, Prompt, Rollouts, ValueHead
+from alignkit.rl.trainer import ActorCritic, Collector, PolicyTask, Prompt, Rollouts, ValueHead, sampling_params
 from alignkit.train import dist, strategy
 from alignkit.train.checkpoint import prepare_output_dir
 from alignkit.train.loop import train
@@ -100,14 +101,13 @@ def evaluator(engine, rewards, prompts: list[Prompt], policy, cfg):
 
     def evaluate() -> dict:
         engine.update_weights(policy)
-        sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop_strings)
+        sampling = dataclasses.replace(sampling_params(cfg), temperature=0.0)  # greedy, thinking as configured
         comps = [g[0] for g in engine.generate([p.ids for p in prompts], 1, sampling)]
         cols: dict[str, list] = {}
         for p in prompts:
             for k, v in p.columns.items():
                 cols.setdefault(k, []).append(v)
-        scores = rewards([p.prompt for p in prompts], [c.text for c in comps],
-                         {**cols, "lengths": [len(c.token_ids) for c in comps]})
+        scores = rewards([p.prompt for p in prompts], [c.text for c in comps], {**cols, **completion_columns(comps)})
         out = {}
         for name, vals in scores.per_function.items():
             got = [v for v in vals if v is not None]

@@ -22,7 +22,10 @@ Columns
 A function declares the data columns it reads as ``fn.columns`` (a tuple of names; the registry's entries do,
 a user function may). The trainer checks them against every data row before any model is loaded, so a
 missing ``answer`` column is an error naming the row, not a run in which no completion gets a reward.
-``lengths`` (:data:`SUPPLIED_COLUMNS`) is supplied by the trainer, not the data.
+``lengths`` and the thinking split of each completion (:data:`SUPPLIED_COLUMNS`: ``thinking_tokens``,
+``answer_tokens``, ``reasoning`` and ``answer_text``, the text after the thinking block; :mod:`alignkit.rl.thinking`)
+are supplied by the trainer (:func:`completion_columns`), not the data. The completion itself stays the whole
+text, so rewards written before thinking see what they saw.
 
 Group-aware rewards
 -------------------
@@ -93,6 +96,7 @@ __all__ = [
     "RewardSet",
     "RewardSpec",
     "build_reward_set",
+    "completion_columns",
     "get_reward",
     "load_reward_function",
 ]
@@ -206,8 +210,17 @@ REWARD_FUNCTIONS: dict[str, RewardSpec] = {
     )
 }
 
-SUPPLIED_COLUMNS = ("lengths",)
+SUPPLIED_COLUMNS = ("lengths", "thinking_tokens", "answer_tokens", "reasoning", "answer_text")
 """Columns the trainer passes to reward functions itself (not read from the data)."""
+
+
+def completion_columns(completions: Sequence) -> dict[str, list]:
+    """The :data:`SUPPLIED_COLUMNS` of rollout completions (:class:`alignkit.rl.rollout.Completion`), one entry
+    each. ``answer_text``, not ``answer``: that name is the data's reference answer."""
+    return {"lengths": [len(c.token_ids) for c in completions],
+            "thinking_tokens": [c.thinking_tokens for c in completions],
+            "answer_tokens": [c.answer_tokens for c in completions],
+            "reasoning": [c.reasoning for c in completions], "answer_text": [c.answer for c in completions]}
 
 _SPEC_FORMS = "rm:PATH, package.module:function, path/to/file.py:function"
 

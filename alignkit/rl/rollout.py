@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -43,6 +43,7 @@ from transformers import DynamicCache
 from alignkit.models.logprobs import unwrap
 from alignkit.models.prepacked import prepack_linears
 from alignkit.rl.decode import KVBuffer, fast_decoder, head_logits
+from alignkit.rl.thinking import Thinking, split_completion
 from alignkit.train import strategy
 from alignkit.weights import WeightVersionError
 
@@ -59,6 +60,11 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()  # stop strings
     seed: int | None = None  # seeds a torch.Generator: same seed + same weights (+ same call) -> same samples
+    # thinking (alignkit.rl.thinking): True opens a thinking block, False feeds an empty one, None: the model decides
+    thinking: bool | None = None
+    max_thinking_tokens: int | None = None  # the thinking block's budget in tokens (tags and forced tokens included)
+    min_thinking_tokens: int = 0  # s1: an end of thinking before this many tokens becomes "Wait"
+    budget_action: str = "force_end"  # at the budget: "force_end" (\n</think>\n\n) or "transition" (Qwen3's)
 
 
 @dataclass
@@ -69,6 +75,11 @@ class Completion:
     that completed it. ``text`` is decoded without special tokens and cut just before the (first) stop string.
     ``logps[i]`` is ``log_softmax(logits / T)`` at ``token_ids[i]``: the tempered distribution before top-k/top-p
     truncation (``T = 1`` when greedy). ``finish_reason`` is ``"eos"``, ``"stop"`` or ``"length"``.
+
+    Thinking (:mod:`alignkit.rl.thinking`): the first ``thinking_tokens`` tokens are the thinking block, the other
+    ``answer_tokens`` the answer; ``reasoning`` is the block's text without its tags, ``answer`` the answer's text.
+    ``forced[i]`` is True where the engine fed ``token_ids[i]`` instead of sampling it (its log-prob is still
+    ``logps[i]``). An engine that does not fill them leaves no thinking and every token sampled.
     """
 
     token_ids: list[int]
@@ -76,6 +87,19 @@ class Completion:
     logps: list[float]
     finish_reason: str
     weight_version: int = 0  # the version of the weights that sampled it (RolloutEngine.version)
+    forced: list[bool] = field(default_factory=list)
+    thinking_tokens: int = 0
+    answer_tokens: int | None = None  # None: len(token_ids) - thinking_tokens
+    reasoning: str = ""
+    answer: str | None = None  # None: text
+
+    def __post_init__(self):
+        if not self.forced:
+            self.forced = [False] * len(self.token_ids)
+        if self.answer_tokens is None:
+            self.answer_tokens = len(self.token_ids) - self.thinking_tokens
+        if self.answer is None:
+            self.answer = self.text
 
 
 class StaleWeights(WeightVersionError):
@@ -262,6 +286,7 @@ class LocalEngine:
     """
 
     logprob_semantics = "tempered_untruncated"
+    thinking_requests = True  # generate() takes per-prompt thinking modes and budgets
 
     def __init__(self, model, tokenizer, *, precision: str = "bf16", max_batch: int = 64, fast_decode: bool = True):
         if precision not in ("fp32", "bf16"):
@@ -327,16 +352,22 @@ class LocalEngine:
         return self.generate(ids, n, sampling, seeds)
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
-                 seeds: Sequence[int] | None = None, version: int | None = None) -> list[list[Completion]]:
+                 seeds: Sequence[int] | None = None, version: int | None = None, *,
+                 thinking: Sequence[bool | None] | None = None,
+                 max_thinking_tokens: Sequence[int | None] | None = None) -> list[list[Completion]]:
         """``n`` completions for each prompt (token ids), ``[len(prompts)][n]`` in sample order.
 
         A prompt's ``n`` samples always share one batch (so one prefill), even when ``n > max_batch``.
         ``seeds``: one int per prompt; sample ``j`` of prompt ``i`` then draws from its own generator seeded
         :func:`row_seed` ``(seeds[i], j)`` (``sampling.seed`` is not used). Without it, one generator seeded
         ``sampling.seed`` (random when None) serves the whole call. ``version``: the weight version the caller
-        expects (:class:`StaleWeights` otherwise).
+        expects (:class:`StaleWeights` otherwise). ``thinking``, ``max_thinking_tokens``: one value per prompt,
+        overriding ``sampling``'s where not None (:mod:`alignkit.rl.thinking`).
         """
         check_request(self, prompts, seeds, version)
+        for name, per in (("thinking", thinking), ("max_thinking_tokens", max_thinking_tokens)):
+            if per is not None and len(per) != len(prompts):
+                raise ValueError(f"{name} needs one value per prompt: {len(per)} for {len(prompts)} prompts")
         if n <= 0:
             return [[] for _ in prompts]
         net = self._copy if self._copy is not None else self.model
@@ -360,7 +391,12 @@ class LocalEngine:
                     if seeds is not None and sampling.temperature > 0:
                         row_seeds = [row_seed(int(seeds[i]), j) for i in idx for j in range(n)]
                     uniforms = _Uniforms(generator, row_seeds, sampling.max_new_tokens, device)
-                    done = self._generate_chunk(net, [list(prompts[i]) for i in idx], n, sampling, uniforms, device)
+                    chunk = [list(prompts[i]) for i in idx]
+                    think = Thinking(self.tokenizer, sampling, chunk, n,
+                                     None if thinking is None else [thinking[i] for i in idx],
+                                     None if max_thinking_tokens is None else [max_thinking_tokens[i] for i in idx],
+                                     self.eos_ids)
+                    done = self._generate_chunk(net, chunk, n, sampling, uniforms, device, think)
                     for j, i in enumerate(idx):
                         out[i] = done[j * n : (j + 1) * n]
         finally:
@@ -369,8 +405,11 @@ class LocalEngine:
         return out
 
     def _generate_chunk(self, net, prompts: list[list[int]], n, sampling, uniforms: _Uniforms,
-                        device) -> list[Completion]:
-        """Completions of ``len(prompts) * n`` rows, row ``r`` being sample ``r % n`` of prompt ``r // n``."""
+                        device, think: Thinking) -> list[Completion]:
+        """Completions of ``len(prompts) * n`` rows, row ``r`` being sample ``r % n`` of prompt ``r // n``.
+
+        A row forcing a token (``think``) is fed it instead of the sampled one; a row taking tokens back masks their
+        positions out and reuses their position ids."""
         P, T = len(prompts), max(len(p) for p in prompts)
         ids_PT = torch.full((P, T), self.pad_id, dtype=torch.long)
         mask_PT = torch.zeros((P, T), dtype=torch.long)
@@ -400,13 +439,22 @@ class LocalEngine:
         for step in range(sampling.max_new_tokens):
             u_A = uniforms.draw(rows_A, step) if sampling.temperature > 0 else None
             tok_A, lp_A = sample_next(logits_AV, sampling, u_A)
+            sampled, lps = tok_A.tolist(), lp_A.tolist()
+            toks = list(sampled)
+            for j, back in think.choose(active, tokens, logps, toks, lps, logits_AV):
+                mask_AS[j, -back:] = 0
+                next_pos_A[j] -= back
+            if toks != sampled:
+                tok_A = torch.tensor(toks, device=device)
             keep = []
-            for j, (r, t, lp) in enumerate(zip(active, tok_A.tolist(), lp_A.tolist())):
+            for j, (r, t, lp) in enumerate(zip(active, toks, lps)):
                 tokens[r].append(t)
                 logps[r].append(lp)
+                think.appended(r, tokens[r])
+                answer_at = think.answer_start(r)
                 if t in self.eos_ids:
                     reasons[r] = "eos"
-                elif stops and self._ends_with_stop(tokens[r][-window:], stops):
+                elif stops and answer_at is not None and self._ends_with_stop(tokens[r][answer_at:][-window:], stops):
                     reasons[r] = "stop"
                 elif step + 1 < sampling.max_new_tokens:
                     keep.append(j)
@@ -426,16 +474,24 @@ class LocalEngine:
                 logits_AV = _forward(net, tok_A[:, None], mask_AS, next_pos_A[:, None], cache)
             cache_rows_A = torch.arange(len(active), device=device)
             next_pos_A = next_pos_A + 1
-        return [self._completion(tokens[r], logps[r], reasons[r], stops) for r in range(R)]
+        return [self._completion(tokens[r], logps[r], reasons[r], stops, think, r) for r in range(R)]
 
     def _ends_with_stop(self, tail: list[int], stops: tuple[str, ...]) -> bool:
         # Only the tail is decoded, so the check costs O(window) per step, not O(length).
         text = self.tokenizer.decode(tail, skip_special_tokens=True)
         return any(s in text for s in stops)
 
-    def _completion(self, token_ids: list[int], logps: list[float], reason: str, stops) -> Completion:
-        return Completion(token_ids=token_ids, text=completion_text(self.tokenizer, token_ids, reason, stops),
-                          logps=logps, finish_reason=reason, weight_version=self.version)
+    def _completion(self, token_ids: list[int], logps: list[float], reason: str, stops, think: Thinking,
+                    r: int) -> Completion:
+        text_of = lambda ids: completion_text(self.tokenizer, ids, reason, stops)  # noqa: E731
+        n_think = think.thinking_tokens(r, len(token_ids))
+        reasoning, answer = split_completion(self.tokenizer, token_ids, n_think, text_of)
+        text = text_of(token_ids)
+        if reason == "stop" and n_think:  # stop strings end the answer: one in the thinking block cuts nothing
+            text = completion_text(self.tokenizer, token_ids[:n_think], "length", ()) + text_of(token_ids[n_think:])
+        return Completion(token_ids=token_ids, text=text, logps=logps, finish_reason=reason,
+                          weight_version=self.version, forced=think.forced(r), thinking_tokens=n_think,
+                          answer_tokens=len(token_ids) - n_think, reasoning=reasoning, answer=answer)
 
 
 def _forward(net, ids_BT, mask_BS, pos_BT, cache) -> torch.Tensor:

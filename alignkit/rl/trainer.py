@@ -69,7 +69,9 @@ from alignkit.models.device import model_device, on_model
 from alignkit.models.logprobs import autocast, hidden_states, project_logps
 from alignkit.rl.objective import KLController, Objective, compute_advantages, policy_objective
 from alignkit.rl.pipeline import Pipeline, pipelined
+from alignkit.rl.rewards import completion_columns
 from alignkit.rl.rollout import SamplingParams
+from alignkit.rl.thinking import resolve_mode
 from alignkit.train import dist, strategy
 from alignkit.train.loop import Metrics, micro_batches
 
@@ -207,6 +209,14 @@ def rollout_seed(seed: int, rollout: int, round_: int, position: int) -> int:
     return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator seed
 
 
+def sampling_params(cfg) -> SamplingParams:
+    """How a run's config (a :class:`~alignkit.config.RolloutConfig`) samples, thinking mode and budget included."""
+    return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          max_new_tokens=cfg.max_new_tokens, stop=cfg.stop_strings, thinking=cfg.thinking_mode,
+                          max_thinking_tokens=cfg.max_thinking_tokens or None,
+                          min_thinking_tokens=cfg.min_thinking_tokens, budget_action=cfg.budget_action)
+
+
 class Collector:
     """Draws prompts, samples groups, scores them; dynamic sampling and the curriculum act here (module
     docstring: each process samples its share of a round, and every process gets the whole round)."""
@@ -217,8 +227,17 @@ class Collector:
 
     def sampling(self) -> SamplingParams:
         """How to sample; the seeds go per prompt to the engine (:func:`rollout_seed`)."""
-        return SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
-                              max_new_tokens=self.cfg.max_new_tokens, stop=self.cfg.stop_strings)
+        return sampling_params(self.cfg)
+
+    def requests(self, idx: list[int]) -> dict:
+        """Per-prompt thinking modes from the prompts' soft switches (``/think``, ``/no_think``) where the config
+        sets no hard one, for an engine that takes them (the local one; a model trained on the switches also
+        reads them from the prompt itself)."""
+        if not getattr(self.engine, "thinking_requests", False) or self.cfg.thinking_mode is not None:
+            return {}
+        modes = [resolve_mode(None, p) if isinstance(p, (str, list)) else None
+                 for p in (self.prompts[i].prompt for i in idx)]
+        return {"thinking": modes} if any(m is not None for m in modes) else {}
 
     def score(self, groups_in: list[tuple[int, list]]) -> tuple[list[Group], dict[str, int]]:
         """The groups of ``(prompt index, completions)`` with their rewards, and each reward function's failures."""
@@ -226,16 +245,16 @@ class Collector:
             if self.rewards.collective:  # a sharded reward model: this process joins the others' passes
                 self.rewards([], [], {"lengths": []})
             return [], {}
-        flat_p, flat_c, cols, lengths = [], [], {}, []
+        flat_p, flat_c, cols, done = [], [], {}, []
         for idx, comps in groups_in:
             p = self.prompts[idx]
             for c in comps:
                 flat_p.append(p.prompt)
                 flat_c.append(c.text)
-                lengths.append(len(c.token_ids))
+                done.append(c)
                 for k, v in p.columns.items():
                     cols.setdefault(k, []).append(v)
-        scores = self.rewards(flat_p, flat_c, {**cols, "lengths": lengths})
+        scores = self.rewards(flat_p, flat_c, {**cols, **completion_columns(done)})
         groups, k = [], 0
         for idx, comps in groups_in:
             n = len(comps)
@@ -279,7 +298,8 @@ class Collector:
         mine = list(range(rank, len(idx), world))
         t0 = time.perf_counter()
         outs = self.engine.generate([self.prompts[idx[p]].ids for p in mine], self.cfg.num_generations,
-                                    self.sampling(), seeds=[seeds[p] for p in mine], version=version) if mine else []
+                                    self.sampling(), seeds=[seeds[p] for p in mine], version=version,
+                                    **self.requests([idx[p] for p in mine])) if mine else []
         dt = time.perf_counter() - t0
         m.add("time/generate", dt, 1.0)
         m.add("rollout/tokens_per_s", sum(len(c.token_ids) for g in outs for c in g) / max(dt, 1e-9), 1.0)
