@@ -8,7 +8,12 @@ keep; Parquet files and hub datasets, which have no lines, are located by ``row 
 Row formats use TRL's field names, so data is used unchanged. ``Text`` is a string or a list of messages
 ``{"role", "content"}`` (role: system, user, assistant or tool):
 
-* SFT: ``messages`` (with at least one assistant message) | ``prompt``/``completion`` | ``text``.
+* SFT: ``messages`` (with at least one assistant message) | ``prompt``/``completion`` | ``text``. Messages and
+  prompt/completion rows may carry thinking (reasoning models, :mod:`alignkit.data.thinking`): an assistant
+  message's ``reasoning_content`` beside its ``content``, or inline ``<think>...</think>`` text opening its content
+  or a plain completion string, or an R1-style prefill (a string prompt ending with ``<think>``, the completion
+  the rest of the thinking, then ``</think>`` and the answer). An optional ``mode`` column (``think`` or
+  ``no_think``) states the example's mode; without it non-empty reasoning means think. See "Thinking" below.
 * Preference: ``prompt``/``chosen``/``rejected`` (optional numeric ``margin``, and ``soft_label`` in [0, 1], the
   probability that ``chosen`` is the better response, as ``alignkit cai stage=label`` writes it) |
   ``chosen``/``rejected`` with an implicit prompt | ranking ``prompt``/``responses``/``ranking``.
@@ -33,6 +38,17 @@ prefix, except that a space just before the point where they differ stays with t
 (``"Q: 2+2? A: 4"`` / ``"Q: 2+2? A: 5"`` -> prompt ``"Q: 2+2? A:"``, responses ``" 4"`` / ``" 5"``). The
 character rule can cut inside a word when both responses start alike; give a ``prompt`` column to avoid it.
 
+Thinking (SFT rows): inline thinking is moved into the reasoning field (``reasoning_content`` of the message, the
+record's ``reasoning`` for a string completion), the reasoning stripped of surrounding whitespace and the answer
+left in ``content`` / ``completion``. A row is a thinking row when it has a ``mode`` or any of its trained turns has
+reasoning (``""`` included); then every trained assistant turn gets a reasoning string, ``""`` where it has none
+(rendered as the empty block ``<think>\n\n</think>\n\n`` before the answer: Qwen3's no-think form). Errors
+(naming the field): a ``mode`` other than think/no_think; ``mode=think`` with a trained turn without reasoning, or
+``mode=no_think`` with one that has some; a ``<think>`` block never closed, two blocks, text before the block, or
+both inline thinking and ``reasoning_content`` in one message; markers inside ``reasoning_content``; reasoning on
+a message that is not the assistant's; a blank answer after the thinking; a prefill prompt whose completion
+does not close the block. Rows without thinking are read exactly as before.
+
 In every record, ``origin`` says where the row came from and ``extra`` holds the columns the format did not use.
 """
 
@@ -53,6 +69,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.thinking import (MODES, REASONING_KEY, THINK_CLOSE, THINK_OPEN, has_thinking, mode_of,
+                                    opens_thinking, split_thinking)
 from alignkit.errors import DataError
 
 Message = dict[str, str]
@@ -87,7 +105,10 @@ class Origin:
 @dataclass(frozen=True)
 class SFTExample:
     """One supervised example in exactly one shape: ``messages`` (loss on assistant turns), ``prompt`` +
-    ``completion`` (loss on the completion), or ``text`` (loss on all of it). The other fields are None."""
+    ``completion`` (loss on the completion), or ``text`` (loss on all of it). The other fields are None.
+
+    Thinking: the assistant messages' ``reasoning_content``, or ``reasoning`` beside a string ``completion``
+    (None: no thinking block; ``""``: an empty one). ``mode``: ``think``, ``no_think`` or None (no thinking)."""
 
     prompt: Text | None
     completion: Text | None
@@ -95,11 +116,15 @@ class SFTExample:
     text: str | None
     origin: Origin
     extra: dict = field(default_factory=dict)
+    reasoning: str | None = None
+    mode: str | None = None
 
     def __post_init__(self):
         shapes = [self.messages is not None, self.completion is not None, self.text is not None]
         if sum(shapes) != 1 or (self.prompt is None) != (self.completion is None):
             raise ValueError("SFTExample needs exactly one of: messages, prompt + completion, text")
+        if self.reasoning is not None and not isinstance(self.completion, str):
+            raise ValueError("SFTExample.reasoning goes with a string completion (messages carry reasoning_content)")
 
     @property
     def shape(self) -> str:
@@ -492,11 +517,100 @@ def _messages(value: Any, field: str, *, response: bool = False) -> list[Message
         if role not in ROLES:
             raise _RowError(f"{where}.role", f"unknown role {_found(role)}; expected one of {', '.join(ROLES)}")
         content = _string(message["content"], f"{where}.content", response=response and role == "assistant")
-        messages.append({**{k: v for k, v in message.items() if v is not None}, "role": role, "content": content})
+        kept = {**{k: v for k, v in message.items() if v is not None}, "role": role, "content": content}
+        if kept.get(REASONING_KEY) is not None:
+            kept[REASONING_KEY] = _reasoning(kept[REASONING_KEY], role, f"{where}.{REASONING_KEY}")
+        messages.append(kept)
     if response and not any(m["role"] == "assistant" for m in messages):
         roles = ", ".join(m["role"] for m in messages)
         raise _RowError(field, f"expected at least one assistant message, found roles: {roles}")
     return messages
+
+
+def _reasoning(value: Any, role: str, field: str) -> str:
+    """A message's ``reasoning_content``: an assistant's string without thinking markers, stripped."""
+    if role != "assistant":
+        raise _RowError(field, f"only assistant messages carry reasoning, this one is {role!r}")
+    reasoning = _string(value, field)
+    if has_thinking(reasoning):
+        raise _RowError(field, f"holds a {THINK_OPEN} or {THINK_CLOSE} marker; give the reasoning without them")
+    return reasoning.strip()
+
+
+def _inline(text: str, field: str) -> tuple[str | None, str]:
+    """``(reasoning, answer)`` of a response that may open with inline thinking: ``<think>r</think>a``, or
+    ``r</think>a`` (an R1-style continuation: the prompt opened the block). ``(None, text)`` without markers."""
+    if not has_thinking(text):
+        return None, text
+    opens, closes = text.count(THINK_OPEN), text.count(THINK_CLOSE)
+    if opens > 1 or closes > 1:
+        raise _RowError(field, f"holds more than one thinking block ({opens} {THINK_OPEN}, {closes} {THINK_CLOSE}); "
+                               "expected one, opening the response")
+    if opens and not closes:
+        raise _RowError(field, f"opens a {THINK_OPEN} block that is never closed with {THINK_CLOSE} (a cut trace?)")
+    if opens and not text.lstrip().startswith(THINK_OPEN):
+        raise _RowError(field, f"has text before its {THINK_OPEN} block; the thinking must open the response")
+    if text.find(THINK_CLOSE) < text.find(THINK_OPEN):
+        raise _RowError(field, f"closes a thinking block with {THINK_CLOSE} before opening one")
+    return split_thinking(text)
+
+
+def _check_mode(value: Any, reasonings: list[tuple[str, str | None]]) -> tuple[str | None, list[str | None]]:
+    """The example's mode and each trained turn's reasoning (``(field, reasoning)`` pairs) under the mode
+    rules of the module docstring: a thinking row gives every turn a string, ``""`` where it has none."""
+    if value is not None and value not in MODES:
+        raise _RowError("mode", f"expected one of {', '.join(MODES)}, found {_found(value)}")
+    if value is None and all(r is None for _, r in reasonings):
+        return None, [None] * len(reasonings)
+    out = []
+    for where, reasoning in reasonings:
+        reasoning = reasoning or ""
+        if value is not None and mode_of(reasoning) != value:
+            has = "has reasoning" if reasoning else "has no reasoning"
+            raise _RowError(where, f"{has}, but the row's mode is {value}")
+        out.append(reasoning)
+    return value or ("think" if any(out) else "no_think"), out
+
+
+def _thinking_turns(messages: list[Message], field: str, mode: Any) -> tuple[list[Message], str | None]:
+    """Messages with inline thinking moved into ``reasoning_content`` and the mode rules applied to the
+    assistant turns (all of them are trained on)."""
+    turns, answers = [], {}
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        where = f"{field}[{i}]"
+        inline, answers[i] = _inline(m["content"], f"{where}.content")
+        if inline is not None and m.get(REASONING_KEY) is not None:
+            raise _RowError(f"{where}.content", f"has a {THINK_OPEN} block and the message has {REASONING_KEY} "
+                                                "too; give the thinking once")
+        if inline is not None and not answers[i].strip():
+            raise _RowError(f"{where}.content", "empty answer after the thinking block: expected non-blank text")
+        turns.append((i, f"{where}.{REASONING_KEY}" if inline is None else f"{where}.content",
+                      m.get(REASONING_KEY, inline)))
+    mode, reasonings = _check_mode(mode, [(where, r) for _, where, r in turns])
+    if mode is None:
+        return messages, None
+    out = list(messages)
+    for (i, _, _), reasoning in zip(turns, reasonings):
+        out[i] = {**messages[i], "content": answers[i], REASONING_KEY: reasoning}
+    return out, mode
+
+
+def _thinking_completion(prompt: str, completion: str, mode: Any) -> tuple[str, str | None, str | None]:
+    """``(answer, reasoning, mode)`` of a string completion: inline thinking, or the rest of a prefill's."""
+    reasoning, answer = _inline(completion, "completion")
+    if opens_thinking(prompt) and (reasoning is None or THINK_OPEN in completion):
+        raise _RowError("completion", f"the prompt opens a thinking block (it ends with {THINK_OPEN}), so the "
+                                      f"completion must continue the thinking and close it with {THINK_CLOSE} before "
+                                      "the answer")
+    if reasoning is not None and THINK_OPEN not in completion and not opens_thinking(prompt):
+        raise _RowError("completion", f"closes a thinking block with {THINK_CLOSE} that neither it nor the prompt "
+                                      f"opened (a prefill prompt ends with {THINK_OPEN})")
+    if reasoning is not None and not answer.strip():
+        raise _RowError("completion", "empty answer after the thinking block: expected non-blank text")
+    mode, [reasoning] = _check_mode(mode, [("completion", reasoning)])
+    return (completion if mode is None else answer), reasoning, mode
 
 
 def _text(value: Any, field: str, *, response: bool = False) -> Text:
@@ -636,14 +750,20 @@ class _Format:
 
 
 def _sft_messages(row, origin, extra):
-    return [SFTExample(None, None, _messages(row["messages"], "messages", response=True), None, origin, extra)]
+    messages, mode = _thinking_turns(_messages(row["messages"], "messages", response=True), "messages", row.get("mode"))
+    return [SFTExample(None, None, messages, None, origin, extra, mode=mode)]
 
 
 def _sft_prompt_completion(row, origin, extra):
     prompt = _text(row["prompt"], "prompt")
     completion = _text(row["completion"], "completion", response=True)
     _same_form(prompt=prompt, completion=completion)
-    return [SFTExample(prompt, completion, None, None, origin, extra)]
+    reasoning = None
+    if isinstance(completion, list):
+        completion, mode = _thinking_turns(completion, "completion", row.get("mode"))
+    else:
+        completion, reasoning, mode = _thinking_completion(prompt, completion, row.get("mode"))
+    return [SFTExample(prompt, completion, None, None, origin, extra, reasoning, mode)]
 
 
 def _sft_text(row, origin, extra):
@@ -875,8 +995,8 @@ _IMPLICIT = _Format("chosen/rejected (implicit prompt)", ("chosen", "rejected"),
 # Tried in order; the first whose keys are all present wins (e.g. ultrachat rows have both prompt and messages).
 _FORMATS: dict[str, tuple[_Format, ...]] = {
     "sft": (
-        _Format("messages", ("messages",), _sft_messages),
-        _Format("prompt/completion", ("prompt", "completion"), _sft_prompt_completion),
+        _Format("messages", ("messages",), _sft_messages, ("mode",)),
+        _Format("prompt/completion", ("prompt", "completion"), _sft_prompt_completion, ("mode",)),
         _Format("text", ("text",), _sft_text),
     ),
     "preference": (

@@ -6,6 +6,16 @@ it learns to stop. Message lists go through the tokenizer's chat template; the r
 after the prompt rendered with ``add_generation_prompt=True``. Prompt and response are tokenized separately, at
 that text boundary: this is exactly what the model sees when it generates a response to the prompt.
 
+Thinking (:mod:`alignkit.data.thinking`): assistant messages' ``reasoning_content`` goes to a chat template that
+has a thinking form (it reads ``reasoning_content`` or ``enable_thinking``), and is folded into the content as
+``<think>\n{reasoning}\n</think>\n\n{answer}`` for one that has none (the default model's); a plain-text
+completion's reasoning is laid out the same way, or continues a prompt that opened the block. Every turn that is
+trained on keeps its thinking, and the training rendering stays prefix-preserving (a template that drops the
+thinking of a trained turn, or of earlier turns in a multi-turn row, is refused with a DataError). ``Encoded``'s
+``thinking_masks`` marks the response tokens that lie inside a turn's reasoning (a token whose first character
+does, by the tokenizer's offsets), so a recipe can weight them (``thinking_loss``); the markers, the newlines
+around the reasoning, the empty block of a no-think answer and the answer are not thinking tokens.
+
 Truncation policy (``max_length`` counts prompt + response tokens): with ``truncation="truncate"`` the prompt
 keeps its last ``max_prompt_length`` tokens (default ``max_length // 2``) and then each response keeps its
 first tokens up to ``max_length``; with ``truncation="drop"`` over-long examples are left out. Either way the
@@ -17,6 +27,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from alignkit.data.thinking import REASONING_KEY, completion_text, for_template, reasoning_span
 from alignkit.errors import DataError
 
 Text = str | list
@@ -28,7 +39,8 @@ class Encoded:
 
     SFT rows have one response (for multi-turn chats the prompt is empty and ``response_masks`` marks the
     assistant turns); preference rows have two (chosen, rejected), with the pair's optional ``margin`` and
-    ``soft_label``; KTO rows have one plus a label.
+    ``soft_label``; KTO rows have one plus a label. ``thinking_masks`` (one per response, like
+    ``response_masks``; None when no response has thinking tokens) is true on the tokens of the reasoning.
     """
 
     prompt: list[int]
@@ -40,6 +52,7 @@ class Encoded:
     truncated: bool = False
     extra: dict = field(default_factory=dict)
     soft_label: float | None = None
+    thinking_masks: list[list[bool]] | None = None
 
     @property
     def length(self) -> int:
@@ -47,11 +60,40 @@ class Encoded:
 
 
 def _chat_text(tok, messages: list, generation_prompt: bool) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tok.apply_chat_template(for_template(tok, messages), tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _ids(tok, text: str, *, special: bool = False) -> list[int]:
     return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def _located(message: str, origin) -> DataError:
+    return DataError(message, path=getattr(origin, "path", None), line=getattr(origin, "line", None))
+
+
+def _thinking_ids(tok, text: str, reasonings: list, origin=None) -> tuple[list[int], list[bool] | None]:
+    """Ids of a response ``text`` that renders turns with these reasonings (in order; None or ``""``: no
+    thinking tokens), and which ids are thinking tokens (None: none is). The ids are :func:`_ids`'s."""
+    spans, start = [], 0
+    for reasoning in filter(None, reasonings):
+        span = reasoning_span(text, reasoning, start)
+        if span is None:
+            raise _located("the chat template does not render the thinking of a trained assistant turn (it drops or "
+                           "changes it, as DeepSeek-R1-Distill's template does): use a template that keeps "
+                           "reasoning_content, or one without a thinking form (then the <think> convention applies)",
+                           origin)
+        spans.append(span)
+        start = span[1]
+    if not spans:
+        return _ids(tok, text), None
+    if not getattr(tok, "is_fast", False):
+        raise TypeError("thinking data needs a fast tokenizer (character offsets), got " + type(tok).__name__)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
+
+
+def _reasonings(messages: list) -> list:
+    return [m.get(REASONING_KEY) for m in messages if m.get("role") == "assistant"]
 
 
 def _chat_split(tok, prompt: Text | None, completion: Text, origin=None) -> tuple[str, str]:
@@ -62,10 +104,7 @@ def _chat_split(tok, prompt: Text | None, completion: Text, origin=None) -> tupl
     p_text = _chat_text(tok, p_msgs, True) if p_msgs else ""
     full = _chat_text(tok, p_msgs + c_msgs, False)
     if not full.startswith(p_text):
-        raise DataError(
-            "the chat template does not render the prompt as a prefix of prompt + response",
-            path=getattr(origin, "path", None), line=getattr(origin, "line", None),
-        )
+        raise _located("the chat template does not render the prompt as a prefix of prompt + response", origin)
     return p_text, full[len(p_text) :]
 
 
@@ -79,11 +118,18 @@ def prompt_ids(tok, prompt: Text) -> list[int]:
 
 def render(tok, prompt: Text | None, completion: Text, origin=None) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` and of ``completion`` as a response to it."""
+    return _render(tok, prompt, completion, origin)[:2]
+
+
+def _render(tok, prompt: Text | None, completion: Text, origin=None, reasoning: str | None = None):
+    """:func:`render`'s ids and the response's thinking flags; ``reasoning``: a plain-text completion's."""
     if isinstance(prompt, list) or isinstance(completion, list):
         p_text, r_text = _chat_split(tok, prompt, completion, origin)
-        return _ids(tok, p_text), _ids(tok, r_text)
+        c_msgs = completion if isinstance(completion, list) else []
+        return (_ids(tok, p_text), *_thinking_ids(tok, r_text, _reasonings(c_msgs), origin))
     p_ids = _ids(tok, prompt, special=True) if prompt else []
-    return p_ids, _ids(tok, completion) + [tok.eos_token_id]
+    ids, thinking = _thinking_ids(tok, completion_text(reasoning, completion, prompt or ""), [reasoning], origin)
+    return p_ids, ids + [tok.eos_token_id], thinking and thinking + [False]
 
 
 def render_steps(
@@ -132,8 +178,14 @@ def render_steps(
 
 def render_chat(tok, messages: list) -> tuple[list[int], list[bool]]:
     """Ids of a whole conversation, with a mask that is true on the assistant turns' tokens."""
+    return _render_chat(tok, messages)[:2]
+
+
+def _render_chat(tok, messages: list, origin=None) -> tuple[list[int], list[bool], list[bool] | None]:
+    """:func:`render_chat`'s ids and mask, and the thinking flags (None: no thinking token)."""
     ids: list[int] = []
     mask: list[bool] = []
+    thinking: list[bool] = []
     done = ""
     for k, msg in enumerate(messages):
         if msg["role"] != "assistant":
@@ -141,13 +193,18 @@ def render_chat(tok, messages: list) -> tuple[list[int], list[bool]]:
         before = _chat_text(tok, messages[:k], True)
         after = _chat_text(tok, messages[: k + 1], False)
         if not before.startswith(done) or not after.startswith(before):
-            raise DataError("the chat template does not render earlier turns as a prefix of later ones")
+            why = "the chat template does not render earlier turns as a prefix of later ones"
+            if any(_reasonings(messages[:k])):
+                why += (" (it drops the thinking of earlier turns, as Qwen3's does, so a multi-turn thinking row "
+                        "cannot be trained as one sequence: give each assistant turn as a prompt/completion row)")
+            raise _located(why, origin)
         ctx = _ids(tok, before[len(done) :])
-        resp = _ids(tok, after[len(before) :])
+        resp, flags = _thinking_ids(tok, after[len(before) :], [msg.get(REASONING_KEY)], origin)
         ids += ctx + resp
         mask += [False] * len(ctx) + [True] * len(resp)
+        thinking += [False] * len(ctx) + (flags or [False] * len(resp))
         done = after
-    return ids, mask
+    return ids, mask, (thinking if any(thinking) else None)
 
 
 def _ending_with_eos(tok, ids: list[int]) -> list[int]:
@@ -163,12 +220,12 @@ def encode(example, tok, index: int) -> Encoded:
     origin = getattr(example, "origin", None)
     if kind == "SFTExample":
         if example.messages is not None:
-            ids, mask = render_chat(tok, example.messages)
-            return Encoded([], [ids], index, response_masks=[mask])
+            ids, mask, thinking = _render_chat(tok, example.messages, origin)
+            return Encoded([], [ids], index, response_masks=[mask], thinking_masks=thinking and [thinking])
         if example.text is not None:
             return Encoded([], [_ending_with_eos(tok, _ids(tok, example.text, special=True))], index)
-        p, c = render(tok, example.prompt, example.completion, origin)
-        return Encoded(p, [c], index)
+        p, c, thinking = _render(tok, example.prompt, example.completion, origin, example.reasoning)
+        return Encoded(p, [c], index, thinking_masks=thinking and [thinking])
     if kind == "PreferenceExample":
         p, c = render(tok, example.prompt, example.chosen, origin)
         p2, r = render(tok, example.prompt, example.rejected, origin)
@@ -193,7 +250,8 @@ def fit(enc: Encoded, max_length: int, max_prompt_length: int | None, policy: st
     masks = [m[:room] for m in enc.response_masks] if enc.response_masks else None
     if any(len(r) == 0 for r in responses) or (masks and not any(masks[0])):
         return None
-    return Encoded(prompt, responses, enc.index, masks, enc.label, enc.margin, True, enc.extra, enc.soft_label)
+    thinking = [t[:room] for t in enc.thinking_masks] if enc.thinking_masks else None
+    return Encoded(prompt, responses, enc.index, masks, enc.label, enc.margin, True, enc.extra, enc.soft_label, thinking)
 
 
 @dataclass
