@@ -7,6 +7,7 @@ Validation has no side effects and names the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,8 +59,8 @@ class TrainConfig:
     scheduler: str = opt("cosine", "Learning-rate decay after warm-up.", ("cosine", "linear", "constant"))
     warmup_steps: int = opt(0, "Steps of linear warm-up from 0 to `lr`.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables clipping).")
-    seed: int = opt(0, "Seed for data order, initialisation and sampling.")
     optimizer_in_backward: bool = opt(False, "Take each parameter's AdamW step in the backward pass as soon as its gradient is complete, and free that gradient (the model's gradients never exist at once; the same update as the plain step). Needs max_grad_norm=0 (the global norm is known only after every gradient), one process and strategy=ddp.")
+    seed: int = opt(0, "Seed for data order, initialisation and sampling.")
     precision: str = opt("fp32", "fp32, or bf16 autocast (weights and optimizer state stay fp32; under fsdp2 on CUDA: FSDP2's bf16 parameters with fp32 gradient reduction).", ("fp32", "bf16"))
     strategy: str = opt("ddp", "Across processes (torchrun): ddp (every process holds all weights; gradients summed) or fsdp2 (weights, gradients and optimizer state sharded with torch's fully_shard).", ("ddp", "fsdp2"))
     device: str = opt("auto", "Where to train: auto (CUDA if there is one, then MPS, then CPU), cpu, cuda or mps.", ("auto", "cpu", "cuda", "mps"))
@@ -116,7 +117,6 @@ class TrainConfig:
             raise ConfigError("need learners >= 0, learner_cpus >= 1, learner_gpus >= 0 and placement_timeout > 0")
         if self.strategy == "fsdp2" and self.compile:
             raise ConfigError("strategy=fsdp2 with compile=true is not supported yet: choose one of them")
-
         if self.optimizer_in_backward and self.max_grad_norm > 0:
             raise ConfigError(f"optimizer_in_backward=true updates each parameter before the global gradient norm is "
                               f"known, so it cannot clip to max_grad_norm={self.max_grad_norm}: set max_grad_norm=0 "
@@ -125,6 +125,7 @@ class TrainConfig:
             raise ConfigError("optimizer_in_backward=true is not supported with strategy=fsdp2 (its gradients are "
                               "reduce-scattered per layer group): choose one of them")
 
+
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning: negative log-likelihood of response tokens."""
@@ -132,6 +133,24 @@ class SFTConfig(TrainConfig):
     lr: float = opt(2e-5, "Peak learning rate of AdamW.")
     packing: bool = opt(True, "Padding-free micro-batches: a micro-batch's rows go through the model as one row "
                         "with attention kept within each (the same result as padding, no compute on padding).")
+    thinking_loss: str = opt("on", "Loss on the thinking tokens of reasoning data (the reasoning inside <think>...</think>; "
+                             "docs/reasoning.md): on, off (no loss on them, the answer and markers still trained), or a "
+                             "weight w >= 0 (each thinking token's NLL times w, the step normalised by the summed weights).")
+
+    @property
+    def thinking_weight(self) -> float:
+        """``thinking_loss`` as a weight: on 1, off 0."""
+        named = {"on": 1.0, "off": 0.0}.get(str(self.thinking_loss).strip().lower())
+        return float(self.thinking_loss) if named is None else named
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            weight = self.thinking_weight
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"thinking_loss={self.thinking_loss!r}: expected on, off or a finite weight >= 0")
 
 
 @dataclass

@@ -16,6 +16,27 @@ def response_mask(row: Encoded, response: int) -> list[bool]:
     return mask
 
 
+def token_weights(row: Encoded, response: int, thinking_weight: float) -> list[float]:
+    """The loss weight of each token of ``responses[response]``: ``thinking_weight`` on its thinking tokens
+    (``thinking_masks``), 1 elsewhere."""
+    if not row.thinking_masks:
+        return [1.0] * len(row.responses[response])
+    return [thinking_weight if t else 1.0 for t in row.thinking_masks[response]]
+
+
+def loss_weights(rows: list[Encoded], response: int, thinking_weight: float, packed: bool = False) -> torch.Tensor:
+    """Per-token loss weights laid out as :func:`collate`'s ``loss_mask`` ``[B, T]`` (or, ``packed``, as
+    :func:`collate_packed`'s ``[1, N]``): :func:`token_weights` on the response, 1 on the prompt and 0 on padding
+    (only masked positions are read)."""
+    seqs = [[1.0] * len(row.prompt) + token_weights(row, response, thinking_weight) for row in rows]
+    if packed:
+        return torch.tensor([[w for s in seqs for w in s]], dtype=torch.float32)
+    out = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.float32)
+    for b, s in enumerate(seqs):
+        out[b, : len(s)] = torch.tensor(s, dtype=torch.float32)
+    return out
+
+
 def sequences(rows: list[Encoded], response: int) -> list[tuple[list[int], list[bool]]]:
     """``prompt + responses[response]`` of each row, with its loss mask (true on scored response tokens)."""
     return [(row.prompt + row.responses[response], [False] * len(row.prompt) + response_mask(row, response))
