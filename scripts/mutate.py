@@ -74,6 +74,7 @@ INB = "tests/test_optimizer_in_backward.py"
 SANDBOX = "tests/test_sandbox.py"
 CODE = "tests/test_code_reward.py"
 AS_ROOT = "__import__('os').geteuid() == 0"  # namespaces and a user id of the run's own
+THINK = "tests/test_thinking_generation.py"
 
 MUTATIONS: list[Mutation] = [
     # ---------------------------------------------------------------- code rewards: the sandbox
@@ -119,6 +120,49 @@ MUTATIONS: list[Mutation] = [
     Mutation("code_parallel", "alignkit/rl/code_reward.py",
              "ThreadPoolExecutor(min(self.workers, len(jobs))", "ThreadPoolExecutor(1",
              (CODE,), "a batch's sandboxes run one after another", k="parallel"),
+    # ---------------------------------------------------------------- thinking mode and budget in the engine
+    Mutation("thinking_soft_first_flag", "alignkit/data/thinking.py",
+             'flags[-1] == THINK_FLAG', 'flags[0] == THINK_FLAG',
+             (THINK,), "the first /think or /no_think wins instead of the last", k="soft_switch"),
+    Mutation("thinking_soft_over_hard", "alignkit/rl/thinking.py",
+             "    if hard is not None:\n        return hard\n", "",
+             (THINK,), "a conversation's /no_think overrides the hard thinking flag", k="soft_switch"),
+    Mutation("thinking_no_open_prefix", "alignkit/rl/thinking.py",
+             '"think", ([] if state == "open" else self.seqs.open), False', '"think", [], False',
+             (THINK,), "thinking=True does not open the block: the model is never told to think", k="hard_switch"),
+    Mutation("thinking_budget_off", "alignkit/rl/thinking.py",
+             "                row.queue, row.closing = list(self.action), True  # the budget",
+             "                pass  # the budget",
+             (THINK,), "no forcing at the budget: rows think on past max_thinking_tokens", k="budget"),
+    Mutation("thinking_budget_late", "alignkit/rl/thinking.py",
+             "and len(ids) >= row.budget - self.close_at):", "and len(ids) >= row.budget):",
+             (THINK,), "forcing starts at the budget, so the forced tokens push the thinking past it", k="budget"),
+    Mutation("thinking_budget_shared", "alignkit/rl/thinking.py",
+             "budget = sampling.max_thinking_tokens if budgets is None or budgets[i] is None else budgets[i]",
+             "budget = sampling.max_thinking_tokens if budgets is None else min(b for b in budgets if b is not None)",
+             (THINK,), "a row's budget depends on the other prompts of its batch", k="do_not_depend"),
+    Mutation("thinking_forced_logps", "alignkit/rl/thinking.py",
+             "        if forced_at:\n", "        if False:\n",
+             (THINK,), "forced tokens keep the sampled token's log-prob", k="logps_consistent"),
+    Mutation("thinking_takeback_unmasked", "alignkit/rl/rollout.py",
+             "                mask_AS[j, -back:] = 0\n", "",
+             (THINK,), "tokens taken back stay visible in the cache: the model continues after a text the "
+             "completion does not hold", k="logps_consistent"),
+    Mutation("thinking_takeback_positions", "alignkit/rl/rollout.py",
+             "                next_pos_A[j] -= back\n", "",
+             (THINK,), "tokens after a take-back get shifted position ids", k="logps_consistent"),
+    Mutation("thinking_min_off", "alignkit/rl/thinking.py",
+             'elif row.phase == "think" and len(ids) + 1 < row.minimum:', "elif False:",
+             (THINK,), "min_thinking_tokens does nothing: early closes stand", k="min_thinking"),
+    Mutation("thinking_no_takeback", "alignkit/rl/thinking.py",
+             "                    if back:\n", "                    if False:\n",
+             (THINK,), "a partial </think> stays before Wait", k="min_thinking"),
+    Mutation("thinking_count_unclosed", "alignkit/rl/thinking.py",
+             'return length if row.phase == "think" else row.end', "return row.end",
+             (THINK,), "a block that never closed counts 0 thinking tokens", k="hard_switch or records"),
+    Mutation("thinking_reward_answer", "alignkit/rl/rewards.py",
+             '"answer_text": [c.answer for c in completions]', '"answer_text": [c.text for c in completions]',
+             (THINK,), "rewards get the whole text as the answer, reasoning included", k="records"),
     # ---------------------------------------------------------------- online RL: rollouts and the engine
     Mutation("weight_sync", "alignkit/rl/trainer.py",
              "        engine.update_weights(model, version=version)\n", "",
