@@ -3,7 +3,8 @@
 Both tools get the same model (the converted SmolLM2 directory), the same rows (the first ``--rows`` pairs of the
 DPO main job's ``asdiv-prefs`` set, chat-formatted; SFT trains on prompt + chosen), the same batch (all rows in
 one optimizer step, so every step is the same work), precision, AdamW with a constant learning rate, gradient
-clipping at 1.0, and the same number of steps. Each tool runs through its real entry point: ``alignkit``'s
+clipping at 1.0 (not with alignkit's ``optimizer_in_backward=true``, which cannot clip by the global norm), and
+the same number of steps. Each tool runs through its real entry point: ``alignkit``'s
 recipe ``run()`` (what the CLI calls) and TRL's ``SFTTrainer``/``DPOTrainer``.``train()``. TRL runs in its own
 virtual environment with the same pinned CPU torch (``--setup`` makes it). Every run is its own process (peak
 RSS is per process) and the runs are interleaved A B A B; the medians are reported with their ratio.
@@ -179,9 +180,12 @@ def alignkit_worker(a: dict) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = dict(
         data=str(data), output_dir=a["out"], batch_size=len(rows), max_steps=a["steps"], lr=a["lr"],
-        scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, precision=a["precision"],
+        scheduler="constant", warmup_steps=0, weight_decay=0.0, precision=a["precision"],
         lora=a["lora"], progress=False, save_merged=False, gradient_checkpointing=a["gradient_checkpointing"],
         seed=a.get("seed", 0), compile=a.get("compile", False),
+        # the step in backward cannot clip by the global norm (the one difference from the other runs)
+        optimizer_in_backward=a.get("optimizer_in_backward", False),
+        max_grad_norm=0.0 if a.get("optimizer_in_backward") else 1.0,
     )
     if a["kind"] == "dpo":
         from alignkit.recipes.dpo import run
@@ -345,6 +349,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="seeds the LoRA initialisation (and data order)")
+    ap.add_argument("--skip", action="append", default=[], metavar="LABEL",
+                    help="leave out the runs whose label contains LABEL (repeatable), to fit a busy machine's time")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.kind == "peak":
@@ -379,17 +385,24 @@ def main() -> None:
         variants.append(("alignkit (checkpointing on)", "alignkit", dict(pack, gradient_checkpointing=True)))
     if args.kind == "sft":  # TRL's own torch_compile option is not run
         variants.append(("alignkit (compile=true)", "alignkit", dict(pack, compile=True)))
+        inb = dict(pack, optimizer_in_backward=True)  # each option alone, then all three together
+        variants += [("alignkit (optimizer_in_backward=true)", "alignkit", inb),
+                     ("alignkit (in backward + checkpointing)", "alignkit", dict(inb, gradient_checkpointing=True)),
+                     ("alignkit (in backward + checkpointing + compile)", "alignkit",
+                      dict(inb, gradient_checkpointing=True, compile=True))]
+    variants = [v for v in variants if not any(s in v[0] for s in args.skip)]
+    references = [label for label, tool, _ in variants if tool == "trl"][:2]
     peak = matmul_peak(args.precision, args.threads)
     results = compare(args.kind, variants, base, args.repeats)
     if args.kind == "grpo":
         print(f"\ngrpo, {args.precision} training, bf16 sampling, {'LoRA r16' if args.lora else 'full fine-tune'}, "
               f"median of {args.repeats} processes x steps 2-{args.steps}, {args.threads} threads")
-        grpo_table(results, variants[1][0])
+        grpo_table(results, references[-1])
         return
     first = results[variants[0][0]][0]
     print(f"\n{args.kind}, {args.precision}, {'LoRA r16' if args.lora else 'full fine-tune'}, {args.rows} rows, "
           f"median of {args.repeats} processes x steps 2-{args.steps}, {args.threads} threads")
-    table(args.kind, results, first["tokens"], [variants[0][0], variants[1][0]], peak, SMOLLM2_PARAMS,
+    table(args.kind, results, first["tokens"], references, peak, SMOLLM2_PARAMS,
           args.kind == "sft" and not args.lora)
 
 

@@ -21,9 +21,17 @@ What it changes:
   update of each parameter whose own gradient is not finite (its ``found_inf``, without a device sync), the
   others are updated, and the loop counts the step as bad. A non-finite *loss* is caught before its backward,
   which then never runs, so such a step makes no update at all.
+
+On the CPU (Linux, glibc) it also pins glibc's mmap threshold at its initial 128 KiB (:func:`pin_mmap_threshold`).
+glibc raises the threshold to the size of each mmapped block freed, up to 32 MiB, so after the first gradients are
+freed the later tensors up to that size come from the heap, which freed memory does not leave: on SmolLM2-135M's
+SFT step (bf16, checkpointing) that kept the peak RSS at 3.0 GB, the plain step's, instead of 2.3 GB.
 """
 
 from __future__ import annotations
+
+import ctypes
+import sys
 
 import torch
 
@@ -50,6 +58,8 @@ class OptimizerInBackward:
         self._fused = all(g.get("fused") for g in optimizer.param_groups)
         self._sq: torch.Tensor | None = None  # the step's summed squared gradients, on the parameters' device
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._group_of]
+        if any(p.device.type == "cpu" for p in self._group_of):
+            pin_mmap_threshold()
 
     def _hook(self, p: torch.Tensor) -> None:
         if self.armed:
@@ -85,6 +95,21 @@ class OptimizerInBackward:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Serve every allocation of ``nbytes`` or more with its own mmap, returned to the system when freed, and stop
+    glibc from raising that threshold (``mallopt(M_MMAP_THRESHOLD)``, as ``MALLOC_MMAP_THRESHOLD_`` would); for the
+    whole process. False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
 
 
 def check_supported(cfg, world: int) -> None:
