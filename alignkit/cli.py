@@ -17,7 +17,7 @@ from pathlib import Path
 
 from alignkit import __version__
 from alignkit.config import CAIConfig, DPOConfig, EvalConfig, GDPOConfig, OnlineDPOConfig, PPOConfig, RLConfig, RMConfig, SFTConfig, build, help_text
-from alignkit.config import BoNConfig, FeedbackItemsConfig, IterativeDPOConfig, LoopConfig, RejectionConfig, SelfRewardConfig
+from alignkit.config import BoNConfig, DistillConfig, FeedbackItemsConfig, IterativeDPOConfig, LoopConfig, RejectionConfig, SelfRewardConfig
 from alignkit.errors import CheckpointError, ConfigError, Stopped, TrainingDiverged, UserError
 
 METHODS = {
@@ -30,6 +30,7 @@ METHODS = {
     "online-dpo": (OnlineDPOConfig, "alignkit.recipes.online_dpo", "Online DPO: a judge labels two samples per prompt."),
     "bon": (BoNConfig, "alignkit.recipes.bon", "Best-of-n sampling: n samples per prompt, the reward's or judge's best kept."),
     "rejection": (RejectionConfig, "alignkit.recipes.rejection", "Rejection-sampling fine-tuning, iterated: mode=raft|rest_em|best_ever."),
+    "distill": (DistillConfig, "alignkit.recipes.distill", "Reasoning distillation: a teacher's traces, verified and filtered (R1's rules), think and no-think rows -> SFT."),
     "iterative-dpo": (IterativeDPOConfig, "alignkit.recipes.iterative_dpo", "On-policy iterative DPO: N samples per prompt, the reward's best vs worst (ties dropped) -> DPO, repeat."),
     "self-rewarding": (SelfRewardConfig, "alignkit.recipes.self_rewarding", "Self-rewarding: the policy scores its own samples 0-5, best vs worst -> DPO."),
     "feedback-generate": (FeedbackItemsConfig, "alignkit.feedback.generate", "Items for the feedback app: K samples per prompt from one or two policies (also `alignkit feedback generate`)."),

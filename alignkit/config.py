@@ -574,6 +574,60 @@ class RejectionConfig(RolloutConfig, SFTConfig):
 
 
 @dataclass
+class DistillConfig(RolloutConfig, SFTConfig):
+    """Reasoning distillation (``alignkit distill``, docs/reasoning.md): a teacher's traces, kept by a verifier
+    and DeepSeek-R1's rules, written as think and no-think SFT rows (thinking-mode fusion), then SFT."""
+
+    iterations: typing.ClassVar[int] = 1  # one round (alignkit.train.iterations: output_dir/iter_1, resumable)
+    steps_are_rollouts = False
+    teacher: str = opt("", "Where the traces come from: a model (name, directory, hub id; sampled with thinking on), "
+                       "an http(s):// OpenAI-compatible endpoint (its reasoning_content, or <think> in the content), "
+                       "or a program, package.module:function or path/to/file.py:function, called with each prompt "
+                       "row (a dict) and returning (reasoning, answer).")
+    teacher_model: str = opt("", "Model name sent to an endpoint teacher.")
+    num_generations: int = opt(1, "Traces asked of the teacher per prompt (identical ones are kept once).")
+    max_new_tokens: int = opt(512, "Token limit of a model or endpoint teacher's trace (thinking and answer).")
+    temperature: float = opt(0.6, "Sampling temperature of a model or endpoint teacher (DeepSeek-R1's 0.6).")
+    rewards: str = opt("correctness", "The verifier: reward functions scoring each trace against its row "
+                       "(correctness reads `answer`; rm:PATH, module:function or file.py:function too); a trace is "
+                       "kept when their weighted sum is at least `threshold`. Empty: no verifier.", list_as="comma")
+    threshold: float = opt(1.0, "A trace passes the verifier when its reward is at least this.")
+    min_language: float = opt(0.99, "DeepSeek-R1's mixed-language rule: a trace is dropped when less than this "
+                              "share of the letters of its reasoning, or of its answer, are in `language` (0: off).")
+    thinking_limit: int = opt(1024, "DeepSeek-R1's over-long rule: a trace is dropped when its reasoning has more "
+                              "tokens than this in the student's tokenizer (0: off).")
+    no_think_fraction: float = opt(0.25, "Thinking-mode fusion: this share of the kept traces (rounded, drawn by "
+                                   "seed) is written as no-think rows: the answer after an empty thinking block, "
+                                   "with /no_think appended to the user turn.")
+    flag_fraction: float = opt(0.5, "This share of the think rows (rounded, drawn by seed) gets /think appended to "
+                               "the user turn; the others get no flag, so thinking is what the model does by default.")
+    batch_size: int = opt(8, "Rows per micro-batch of the fine-tuning.")
+    lr: float = _like(SFTConfig, "lr")
+
+    @property
+    def teacher_kind(self) -> str:
+        """``endpoint``, ``program`` or ``model`` (alignkit.feedback.teachers)."""
+        from alignkit.feedback.teachers import teacher_kind
+
+        return teacher_kind(self.teacher)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.teacher:
+            raise ConfigError("teacher= is required: a model, an http(s):// endpoint (with teacher_model=) or a "
+                              "program (package.module:function or file.py:function)")
+        if self.teacher_kind == "endpoint" and not self.teacher_model:
+            raise ConfigError(f"teacher={self.teacher}: an endpoint teacher needs teacher_model (the model name)")
+        if self.thinking == "off":
+            raise ConfigError("thinking=off: a teacher that does not think gives nothing to distill")
+        for name in ("no_think_fraction", "flag_fraction", "min_language"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.thinking_limit < 0:
+            raise ConfigError(f"thinking_limit must be >= 0 (0: off), got {self.thinking_limit}")
+
+
+@dataclass
 class SelfRewardConfig(RolloutConfig, DPOConfig):
     """Self-rewarding (Yuan et al. 2401.10020): the policy scores its own samples (0-5); best vs worst -> DPO."""
 

@@ -276,7 +276,9 @@ class RewardModelReward:
         return self._scorer.score(list(prompts), list(completions)).tolist()
 
 
-def _import_function(spec: str, target: str, attr: str) -> Callable:
+def _import_function(spec: str, target: str, attr: str, what: str = "reward") -> Callable:
+    """``attr`` of the module ``target`` (a dotted name, or a .py file imported under a private name); any
+    failure is a :class:`ConfigError` naming the ``what`` ``spec``."""
     try:
         if target.endswith(".py"):
             path = Path(target)
@@ -294,12 +296,12 @@ def _import_function(spec: str, target: str, attr: str) -> Callable:
         else:
             module = importlib.import_module(target)
     except Exception as e:  # noqa: BLE001 - any failure to import the user's code is a config problem
-        raise ConfigError(f"reward {spec!r}: cannot import {target!r}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{what} {spec!r}: cannot import {target!r}: {type(e).__name__}: {e}") from None
     fn = getattr(module, attr, None)
     if fn is None:
-        raise ConfigError(f"reward {spec!r}: {target!r} has no attribute {attr!r}")
+        raise ConfigError(f"{what} {spec!r}: {target!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise ConfigError(f"reward {spec!r}: {target}:{attr} is not callable")
+        raise ConfigError(f"{what} {spec!r}: {target}:{attr} is not callable")
     return fn
 
 
