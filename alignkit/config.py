@@ -765,7 +765,7 @@ class EvalConfig:
     reference: str = opt("smollm2-135m-instruct", "What it is compared with (usually the model before alignment); empty: none.")
     output_dir: str = opt("outputs/eval", "Where summary.json, the PNG plots and report.html are written.")
     run_dir: str = opt("", "A training run's output_dir: its metrics.jsonl adds training curves to the report.")
-    suites: str = opt("capability,winrate,safety,probes", "Comma-separated parts to run: capability, winrate, safety, probes, and pluralistic (GDPO: the model's belief distribution against a group's on held-out questions; not run by default).", list_as="comma")
+    suites: str = opt("capability,winrate,safety,probes", "Comma-separated parts to run: capability, winrate, safety, probes, pluralistic (GDPO: the model's belief distribution against a group's on held-out questions) and thinking (reasoning models: mode following, accuracy against the thinking budget, thinking on against off); the last two not run by default.", list_as="comma")
     capability_data: str = opt("asdiv-heldout", "The first capability set: math prompts with an `answer` column ('asdiv-heldout', the main jobs' 150, 'math500', or a file), or code prompts with a `tests` column scored as pass@1 by the sandboxed code reward ('humaneval', or a file).")
     capability_limit: int = opt(150, "Problems scored per capability set (0: all).")
     math500_limit: int = opt(50, "MATH-500 problems scored as a second capability set (0: skip).")
@@ -796,6 +796,17 @@ class EvalConfig:
     pluralistic_max_new_tokens: int = opt(40, "suites=pluralistic: token limit of a sampled turn (the belief line and a sentence).")
     pluralistic_plot_questions: int = opt(4, "suites=pluralistic: questions drawn as bar charts in the report (those with 3+ beliefs, spread over the set).")
     belief_template: str = opt("Belief: {belief}\n", "suites=pluralistic: how a turn states its belief, with one {belief} field and text after it (as the model was trained).")
+    thinking_data: str = opt("asdiv-heldout", "suites=thinking: held-out math prompts with an `answer` column ('asdiv-heldout', 'math500' or a file) for the budget curve, thinking on against off, and the mode-following conversations.")
+    thinking_limit: int = opt(100, "suites=thinking: problems used (0: all).")
+    thinking_budgets: str = opt("32,64,128,256", "suites=thinking: thinking budgets in tokens (the engine's max_thinking_tokens with the hard stop) of the accuracy curve; thinking on is compared with off at the largest.", list_as="comma")
+    thinking_answer_tokens: int = opt(64, "suites=thinking: new tokens for the answer beyond the budget (and the limit of a thinking-off answer).")
+    budget_action: str = opt("force_end", "suites=thinking: the engine's action at the budget (force_end: close the block; transition: Qwen3's sentence, then close).", ("force_end", "transition"))
+    thinkfollow_conversations: int = opt(100, "suites=thinking: mode-following conversations (their last turns cycle through the problems).")
+    thinkfollow_turns: int = opt(3, "suites=thinking: user turns per conversation, at most (each drawn from 1 to this).")
+
+    @property
+    def budgets(self) -> list[int]:
+        return [int(x) for x in str(self.thinking_budgets).split(",") if x.strip()]
 
     @property
     def suite_names(self) -> list[str]:
@@ -804,9 +815,19 @@ class EvalConfig:
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("model= is required (a run's final/ directory or a model name)")
-        unknown = set(self.suite_names) - {"capability", "winrate", "safety", "probes", "pluralistic"}
+        unknown = set(self.suite_names) - {"capability", "winrate", "safety", "probes", "pluralistic", "thinking"}
         if unknown:
-            raise ConfigError(f"unknown suite(s) {', '.join(sorted(unknown))}; choose from capability, winrate, safety, probes, pluralistic")
+            raise ConfigError(f"unknown suite(s) {', '.join(sorted(unknown))}; choose from capability, winrate, safety, probes, pluralistic, thinking")
+        if "thinking" in self.suite_names:
+            try:
+                budgets = self.budgets
+            except ValueError:
+                budgets = []
+            if not budgets or min(budgets) < 1:
+                raise ConfigError(f"thinking_budgets={self.thinking_budgets!r}: expected positive token counts, e.g. 32,64,128")
+            if min(self.thinking_answer_tokens, self.thinkfollow_turns, self.thinkfollow_conversations) < 1:
+                raise ConfigError("thinking_answer_tokens, thinkfollow_turns and thinkfollow_conversations must be >= 1")
+            check_choices(self)
         if "pluralistic" in self.suite_names:
             from alignkit.data.beliefs import check_template
 

@@ -166,6 +166,51 @@ def _pluralistic(pl: dict, out: Path) -> str:
     return "".join(parts)
 
 
+def plot_budget_curve(th: dict, path: Path) -> Path:
+    """Accuracy against the thinking budget (with 95% intervals), thinking off as a dashed line, per contestant."""
+    plt, fig, ax = _figure(6.0, 3.4)
+    for who in ("model", "reference"):
+        if who in th:
+            sweep = th[who]["budget"]
+            xs, ys = [p["budget"] for p in sweep["curve"]], [p["accuracy"] for p in sweep["curve"]]
+            err = np.array([[y - p["ci"][0], p["ci"][1] - y] for y, p in zip(ys, sweep["curve"])]).T
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=COLOURS[who], label=f"{who}, thinking on")
+            ax.axhline(sweep["off"]["accuracy"], color=COLOURS[who], ls="--", lw=1, label=f"{who}, thinking off")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("thinking budget (tokens, hard stop)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _thinking(th: dict, out: Path) -> str:
+    """Mode following, on against off, within budget (a table per measure) and the accuracy-budget curve."""
+    who = [w for w in ("model", "reference") if w in th]
+    f = lambda r: "n/a" if r.get("accuracy") is None else f"{r['accuracy']:.3f} {_fmt(r['ci'])} (n={r['n']})"  # noqa: E731
+    rows = [("mode following, all", *[f(th[w]["following"]) for w in who])]
+    rows += [(f"mode following after /{m}", *[f(th[w]["following"]["by_mode"][m]) for w in who])
+             for m in ("think", "no_think")]
+    b = {w: th[w]["budget"] for w in who}
+    rows += [(f"accuracy, thinking on (budget {b[who[0]]['on']['budget']})",
+              *[f"{b[w]['on']['accuracy']:.3f} {_fmt(b[w]['on']['ci'])}" for w in who]),
+             ("accuracy, thinking off", *[f"{b[w]['off']['accuracy']:.3f} {_fmt(b[w]['off']['ci'])}" for w in who]),
+             ("on minus off (paired 95% CI)", *[f"{b[w]['on_minus_off']:+.3f} {_fmt(b[w]['on_minus_off_ci'])}"
+                                                for w in who]),
+             ("thinking within the budget", *[f"{b[w]['within_budget']:.3f} of {b[w]['samples']}" for w in who])]
+    curve = [(p["budget"], w, p["accuracy"], p["ci"], p["within_budget"], p["thinking_tokens"], p["cut"])
+             for w in who for p in b[w]["curve"]]
+    return (f"<h2>Thinking</h2><p>{th['n']} problems ({html.escape(str(th['data']))}), {th['conversations']} "
+            f"mode-following conversations of up to {th['max_turns']} turns; the last flag must be obeyed.</p>"
+            + _rows(rows, ("measure", *who))
+            + _img(plot_budget_curve(th, out / "thinking_budget.png"),
+                   "Accuracy against the thinking budget (the engine's hard stop), 95% bootstrap intervals; dashed: "
+                   "thinking off.")
+            + _rows(curve, ("budget", "who", "accuracy", "95% CI", "within budget", "mean thinking tokens",
+                            "share stopped by the budget")))
+
+
 def _img(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return (f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
@@ -216,6 +261,12 @@ def _headline(summary: dict) -> list[tuple]:
     syc = p.get("sycophancy", {})
     if "model" in syc and "reference" in syc:
         add("sycophancy flip rate", syc["reference"]["flip_rate"], syc["model"]["flip_rate"], False)
+    th = summary.get("thinking", {})
+    if "reference" in th:
+        add("mode following (thinking suite)", th["reference"]["following"]["accuracy"],
+            th["model"]["following"]["accuracy"])
+        add("accuracy with thinking (thinking suite)", th["reference"]["budget"]["on"]["accuracy"],
+            th["model"]["budget"]["on"]["accuracy"])
     pl = summary.get("pluralistic", {})
     for key in ("js_options", "js_sampled"):
         if "reference" in pl:
@@ -289,6 +340,8 @@ def write_report(out_dir, summary: dict, *, metrics_path=None, samples: list | N
         parts.append("<h2>Failure-mode probes</h2>" + _rows(rows, ("probe", "reference", "model")))
     if "pluralistic" in summary:
         parts.append(_pluralistic(summary["pluralistic"], out))
+    if "thinking" in summary:
+        parts.append(_thinking(summary["thinking"], out))
     if samples:
         body = "".join(f"<tr><td>{html.escape(str(s.get('set', '')))}</td><td><pre>{html.escape(str(s.get('prompt', '')))}</pre></td>"
                        f"<td><pre>{html.escape(str(s.get('model', '')))}</pre></td><td><pre>{html.escape(str(s.get('reference', '')))}</pre></td></tr>"

@@ -17,6 +17,9 @@ Every prompt is a user turn rendered with the chat template. Suites:
 - ``pluralistic`` (GDPO): the belief distribution each model states on held-out questions against the group's
   (JS distance, recall, majority mass, next to the uniform, majority-only and sampling-floor reference points),
   and whether the response agrees with the stated belief (:mod:`alignkit.eval.pluralistic`).
+- ``thinking`` (reasoning models): ThinkFollow-style mode following over multi-turn conversations with ``/think``
+  and ``/no_think`` at random turns, accuracy against the thinking budget with the engine's hard stop, thinking
+  on against off (paired bootstrap), and the share of samples within the budget (:mod:`alignkit.eval.thinking`).
 
 Writes ``summary.json``, the plots and ``report.html`` to ``output_dir``.
 """
@@ -346,7 +349,32 @@ def pluralistic(cfg: EvalConfig, players: list[Contestant], out: dict, samples: 
             **pl.summarise(questions, measured, n=cfg.pluralistic_samples, seed=cfg.seed)}
 
 
-SUITES = {"capability": capability, "winrate": winrate, "safety": safety, "probes": probes, "pluralistic": pluralistic}
+def thinking(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list) -> dict:
+    from alignkit.eval import thinking as th
+
+    rows = read_rows(cfg.thinking_data, cfg.thinking_limit)
+    prompts = [as_messages(r["prompt"]) for r in rows]
+    convs = th.conversations(prompts, cfg.thinkfollow_conversations, cfg.thinkfollow_turns, cfg.seed)
+    result: dict = {"data": cfg.thinking_data, "n": len(rows), "budgets": sorted(cfg.budgets),
+                    "conversations": len(convs), "max_turns": cfg.thinkfollow_turns}
+    for p in players:
+        _, last = th.run_conversations(p.engine, p.tok, convs, budget=max(cfg.budgets),
+                                               max_new_tokens=max(cfg.budgets) + cfg.thinking_answer_tokens,
+                                               budget_action=cfg.budget_action)
+        ids = [prompt_ids(p.tok, m) for m in prompts]
+        result[p.name] = {"following": th.score_following(convs, last, cfg.bootstrap, cfg.seed),
+                          "budget": th.budget_sweep(p.engine, ids, [r.get("answer") for r in rows], cfg.budgets,
+                                                    answer_tokens=cfg.thinking_answer_tokens,
+                                                    budget_action=cfg.budget_action, n_boot=cfg.bootstrap,
+                                                    seed=cfg.seed)}
+        if p.name == "model":
+            samples += [{"prompt": "\n".join(c), "model": t, "reference": "", "set": "thinking (mode following)"}
+                        for c, t in list(zip(convs, last))[:3]]
+    return result
+
+
+SUITES = {"capability": capability, "winrate": winrate, "safety": safety, "probes": probes, "pluralistic": pluralistic,
+          "thinking": thinking}
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -360,7 +388,7 @@ def run(cfg: EvalConfig) -> dict:
     summary: dict = {"model": cfg.model, "reference": cfg.reference or None, "created": date.today().isoformat()}
     scratch: dict = {}
     samples: list = []
-    for name in ("capability", "winrate", "safety", "probes", "pluralistic"):  # probes reuse the capability answers
+    for name in ("capability", "winrate", "safety", "probes", "pluralistic", "thinking"):  # probes reuse capability's
         if name in cfg.suite_names:
             log.info("eval: %s", name)
             summary[name if name != "winrate" else "win_rate"] = SUITES[name](cfg, players, scratch, samples)
