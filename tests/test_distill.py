@@ -68,17 +68,23 @@ def test_mode_mix_has_exact_counts_and_every_row_obeys_its_last_flag(tmp_path):
     rows = fusion_rows(kept, _examples(prompts), no_think_fraction=0.25, flag_fraction=0.5, seed=3)
     assert rows == fusion_rows(kept, _examples(prompts), 0.25, 0.5, seed=3)  # fixed by the seed
     counts = mix_counts(rows)
-    # 5 of 20 no-think; round(0.5 * 15) = 8 of the think rows flagged (the forced one may be among them or extra)
-    assert counts["rows/no_think"] == 5
-    forced = rows[19]["mode"] == "think" and rows[19]["flag"] == "/think"
-    assert counts["rows/think_flagged"] in (8, 9) and counts["rows/think_default"] == 15 - counts["rows/think_flagged"]
-    assert rows[19]["mode"] == "no_think" or forced  # an earlier /no_think never stands over a think row
+    # 5 of 20 no-think. Seed 3 makes row 19 (asking for no thinking in an earlier turn) a think row: its /think is
+    # required, and the optional flags go to round(0.5 * 14) = 7 of the 14 other think rows
+    assert rows[19]["mode"] == "think" and rows[19]["flag"] == "/think"
+    assert counts["rows/no_think"] == 5 and counts["rows/think_flagged"] == 7 + 1 and counts["rows/think_default"] == 7
+    rows5 = fusion_rows(kept, _examples(prompts), 0.25, 0.5, seed=5)
+    # seed 5: row 19 is a no-think row, its flag optional: round(0.5 * 16) = 8 of the 15 think rows and row 19
+    assert rows5[19]["mode"] == "no_think"
+    c5 = mix_counts(rows5)
+    assert c5["rows/no_think"] == 5 and c5["rows/no_think_unflagged"] == (rows5[19]["flag"] is None)
+    assert c5["rows/think_flagged"] == 8 - (rows5[19]["flag"] is not None) and c5["rows/think_default"] == 15 - c5["rows/think_flagged"]
     for row in rows:
         user = row["prompt"][-1]["content"]
         said = requested_mode(row["prompt"])
         reply = row["completion"][0]
         if row["mode"] == "no_think":
-            assert user.endswith(" /no_think") and reply["reasoning_content"] == "" and said == "no_think"
+            assert user.endswith(" /no_think") == (row["flag"] is not None) and reply["reasoning_content"] == ""
+            assert said == "no_think"
         else:
             assert reply["reasoning_content"] == f"step {row['prompt_index']}" and said in ("think", None)
             assert user.endswith(" /think") == (row["flag"] == "/think")
@@ -93,7 +99,8 @@ def test_mode_mix_has_exact_counts_and_every_row_obeys_its_last_flag(tmp_path):
     # all or nothing
     assert mix_counts(fusion_rows(kept, _examples(prompts), 1.0, 0.5, 0))["rows/no_think"] == 20
     none = fusion_rows(kept[:19], _examples(prompts), 0.0, 0.0, 0)
-    assert mix_counts(none) == {"rows": 19, "rows/no_think": 0, "rows/think_flagged": 0, "rows/think_default": 19}
+    assert mix_counts(none) == {"rows": 19, "rows/no_think": 0, "rows/no_think_unflagged": 0, "rows/think_flagged": 0,
+                                "rows/think_default": 19}
 
 
 def test_flags_go_on_the_last_user_turn_or_the_end_of_a_text_prompt():

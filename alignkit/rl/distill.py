@@ -18,9 +18,12 @@ Thinking-mode fusion (Qwen3, 2505.09388, section 4.3): one model trained on both
 drawn by seed, as no-think rows (the answer after an empty thinking block, ``/no_think`` appended to the last user
 turn) and the others as think rows, of which ``round(flag_fraction * n_think)``, drawn by seed, get ``/think``
 appended and the rest no flag: a prompt without a flag is answered with thinking, so thinking is the default, as
-in Qwen3. A think row whose prompt already asks for no thinking (a ``/no_think`` in an earlier turn) always gets
-``/think``, so every row obeys the last flag of its conversation
-(:func:`~alignkit.data.thinking.requested_mode`).
+in Qwen3. Every row obeys the last flag of its conversation (:func:`~alignkit.data.thinking.requested_mode`): in
+general the flag of a row's mode is appended where its prompt does not already ask for that mode (thinking when
+it asks nothing), and is optional where it does, those rows getting it in the share ``flag_fraction``
+(``round(flag_fraction * n_optional)`` of them, drawn by seed). So a think row after an earlier ``/no_think`` always
+gets ``/think``, and a no-think row after an earlier ``/no_think`` may have no flag of its own: multi-turn prompts
+teach that a flag stands until the next one. With single-turn prompts the optional rows are the think rows.
 """
 
 from __future__ import annotations
@@ -88,16 +91,16 @@ def fusion_rows(kept: list[dict], examples, no_think_fraction: float, flag_fract
     rng = random.Random(seed)
     n = len(kept)
     no_think = set(rng.sample(range(n), round(no_think_fraction * n)))
-    think = [i for i in range(n) if i not in no_think]
-    flagged = set(rng.sample(think, round(flag_fraction * len(think))))
+    modes = ["no_think" if i in no_think else "think" for i in range(n)]
+    # a flag is optional where the conversation already asks for the row's mode (thinking when it asks nothing)
+    optional = [i for i, t in enumerate(kept) if modes[i] == (requested_mode(examples[t["prompt_index"]].prompt)
+                                                              or "think")]
+    flagged = set(rng.sample(optional, round(flag_fraction * len(optional))))
     rows = []
     for i, t in enumerate(kept):
-        ex = examples[t["prompt_index"]]
-        if i in no_think:
-            mode, flag, reasoning = "no_think", NO_THINK_FLAG, ""
-        else:
-            mode, reasoning = "think", t["reasoning"]
-            flag = THINK_FLAG if i in flagged or requested_mode(ex.prompt) == "no_think" else None
+        ex, mode = examples[t["prompt_index"]], modes[i]
+        reasoning = t["reasoning"] if mode == "think" else ""
+        flag = None if i in optional and i not in flagged else (THINK_FLAG if mode == "think" else NO_THINK_FLAG)
         prompt = with_flag(ex.prompt, flag)
         completion = ([{"role": "assistant", REASONING_KEY: reasoning, "content": t["answer"]}]
                       if isinstance(prompt, list) else completion_text(reasoning, t["answer"], prompt))
@@ -107,7 +110,9 @@ def fusion_rows(kept: list[dict], examples, no_think_fraction: float, flag_fract
 
 
 def mix_counts(rows: list[dict]) -> dict:
-    """``rows``, ``rows/no_think``, ``rows/think_flagged`` (with /think) and ``rows/think_default`` (no flag)."""
+    """``rows``, ``rows/no_think`` (of which ``rows/no_think_unflagged`` rely on an earlier turn's /no_think),
+    ``rows/think_flagged`` (with /think) and ``rows/think_default`` (no flag of their own)."""
     c = Counter((r["mode"], r["flag"] is not None) for r in rows)
-    return {"rows": len(rows), "rows/no_think": c[("no_think", True)], "rows/think_flagged": c[("think", True)],
+    return {"rows": len(rows), "rows/no_think": c[("no_think", True)] + c[("no_think", False)],
+            "rows/no_think_unflagged": c[("no_think", False)], "rows/think_flagged": c[("think", True)],
             "rows/think_default": c[("think", False)]}
