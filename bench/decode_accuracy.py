@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from alignkit.models.loading import load_model
-from alignkit.rl.decode import KVBuffer, fast_decoder
+from alignkit.rl.decode import fast_decoder
 from alignkit.rl.rollout import LocalEngine, SamplingParams, _forward
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,7 +29,8 @@ from generate import chat_prompts  # noqa: E402
 
 @torch.no_grad()
 def teacher_forced(model, tok, steps: int) -> None:
-    copy16 = LocalEngine(model, tok, precision="bf16")._copy
+    copy16 = LocalEngine(model, tok, precision="bf16", fast_decode=False)._copy  # plain layers: transformers runs it
+    lean = fast_decoder(LocalEngine(model, tok, precision="bf16")._copy)  # fused and prepacked: the engine's
     prompts = chat_prompts(tok)
     P, T = len(prompts), max(map(len, prompts))
     ids, mask = torch.zeros(P, T, dtype=torch.long), torch.zeros(P, T, dtype=torch.long)
@@ -40,15 +40,20 @@ def teacher_forced(model, tok, steps: int) -> None:
     cache32, cache16 = DynamicCache(config=model.config), DynamicCache(config=model.config)
     logits32 = _forward(model, ids, mask, pos, cache32)
     _forward(copy16, ids, mask, pos, cache16)
-    kv, lean = KVBuffer.from_cache(copy.deepcopy(cache16), T + steps), fast_decoder(copy16)
+    caches = {}
+    for name, dtype in (("lean, float32 keys/values", torch.float32), ("lean, bf16 keys/values", torch.bfloat16)):
+        _, keys, values = lean.prefill(prompts, dtype)
+        caches[name] = lean.cache(P, T + steps, dtype)
+        caches[name].admit(keys, values, [len(p) for p in prompts], list(range(P)))
     nxt = mask.sum(-1)
-    err, agree = {"transformers": 0.0, "lean": 0.0}, {"transformers": 0, "lean": 0}
+    names = ["transformers", *caches]
+    err, agree = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
     for _ in range(steps):
         tokens = logits32.argmax(-1)
         mask = torch.cat([mask, torch.ones(P, 1, dtype=torch.long)], 1)
         logits32 = _forward(model, tokens[:, None], mask, nxt[:, None], cache32)
-        got = {"transformers": _forward(copy16, tokens[:, None], mask, nxt[:, None], cache16),
-               "lean": lean.step(tokens, mask, nxt, kv)}
+        got = {"transformers": _forward(copy16, tokens[:, None], mask, nxt[:, None], cache16)}
+        got.update({name: lean.step(tokens, cache) for name, cache in caches.items()})
         for k, logits in got.items():
             err[k] += (logits - logits32).abs().mean().item() / steps
             agree[k] += int((logits.argmax(-1) == logits32.argmax(-1)).sum())

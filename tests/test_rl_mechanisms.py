@@ -48,9 +48,7 @@ def test_bf16_rollouts_learn_the_toy(tmp_path):
 
 def _engine_weights(engine: LocalEngine) -> dict[str, torch.Tensor]:
     """The weights the bf16 engine generates with: its copy's parameters and its prepacked linears."""
-    got = {n: p.detach() for n, p in engine._copy.named_parameters()}
-    got.update({f"{name}.weight": layer.weight for name, layer in engine._packed.items()})
-    return got
+    return engine.held_weights()
 
 
 def test_engine_generates_with_the_current_policy_weights(tmp_path, monkeypatch, dense):

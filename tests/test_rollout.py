@@ -217,8 +217,7 @@ def test_seeds_make_samples_reproducible_and_a_group_diverse():
 
 
 def _bf16_copy_matches(engine, expected_state):
-    got = dict(engine._copy.named_parameters())
-    got.update({f"{name}.weight": layer.weight for name, layer in engine._packed.items()})  # prepacked linears
+    got = engine.held_weights()  # prepacked linears unpacked, fused q/k/v and gate/up split
     # every weight is there (the tests' head bias is not: the copy is built from the config, which has none)
     assert {n for n in expected_state if n.endswith(".weight")} <= set(got) <= set(expected_state)
     for name, p in got.items():
@@ -303,3 +302,42 @@ def test_weight_versions_are_stamped_checked_and_kept_through_sleep(precision):
     got = engine.generate(prompt, 2, sampling, seeds=[1], version=8)[0]
     assert [c.token_ids for c in got] == [c.token_ids for c in fresh.generate(prompt, 2, sampling, seeds=[1])[0]]
     assert {c.weight_version for c in got} == {8}
+
+
+def test_continuous_batching_gives_the_static_batches_samples_per_seed():
+    """With 6 slots and 3 samples a prompt, a prompt waits for 3 free slots and then joins the rows still
+    decoding (continuous); statically it waits for the whole batch to end. Same seeds, same samples (float32:
+    the tiny model's logits do not depend on the company), in fewer decode steps."""
+    model, tok = _model(eos_bias=3.0)
+    calls = _record_forward_shapes(model)
+    prompts = _prompts(tok, ("hello there", "hi", "a much longer prompt, with more words in it", "max(3,7)=",
+                             "Which is larger?", "one", "two words"))
+    sp, seeds = SamplingParams(temperature=1.0, max_new_tokens=16), list(range(10, 17))
+    out, steps = {}, {}
+    for name, kw in {"continuous": {}, "static": {"continuous": False}, "transformers": {"fast_decode": False}}.items():
+        calls.clear()
+        out[name] = LocalEngine(model, tok, precision="fp32", max_batch=6, **kw).generate(prompts, 3, sp, seeds=seeds)
+        steps[name] = sum(1 for s in calls if s[1] == 1)
+    for name in ("static", "transformers"):
+        for group, ref in zip(out["continuous"], out[name]):
+            assert [c.token_ids for c in group] == [c.token_ids for c in ref]
+            for c, r in zip(group, ref):
+                assert c.finish_reason == r.finish_reason
+                torch.testing.assert_close(torch.tensor(c.logps), torch.tensor(r.logps), atol=1e-5, rtol=0)
+    lengths = {len(c.token_ids) for g in out["continuous"] for c in g}
+    assert len(lengths) > 4  # uneven rows: the static batch runs at the pace of its longest
+    assert steps["continuous"] < steps["static"]
+
+
+def test_continuous_batching_runs_a_waiting_prompt_beside_the_others(monkeypatch):
+    """A prompt is admitted as soon as its rows fit in the slots freed by finished rows, while the others go on:
+    some prompt joins a batch that still has live rows."""
+    from alignkit.rl import decode
+
+    model, tok = _model(eos_bias=3.0)
+    joined = []  # live rows already decoding when a prompt is admitted
+    real_admit = decode.SlotCache.admit
+    monkeypatch.setattr(decode.SlotCache, "admit", lambda self, *a: (joined.append(self.live), real_admit(self, *a)))
+    LocalEngine(model, tok, precision="fp32", max_batch=4).generate(
+        _prompts(tok), 2, SamplingParams(temperature=1.0, max_new_tokens=16, seed=3))
+    assert joined[0] == 0 and any(n > 0 for n in joined[1:])

@@ -216,6 +216,24 @@ def test_a_rows_budgeted_samples_do_not_depend_on_the_other_rows(thinker):
     assert len({c.thinking_tokens for g in whole for c in g}) > 2
 
 
+def test_continuous_batching_carries_each_rows_forcing_state(thinker):
+    """Rows with their own budgets, s1's minimum and take-backs, admitted into slots freed by finished rows while
+    others are mid-thought: the same completions per seed as static batches and as transformers' steps."""
+    model, tok = thinker
+    prompts = _ids(tok, "Q:", "Q:ab", "Q: z", "Q:abc", "Q:x")
+    sp = SamplingParams(temperature=1.6, max_new_tokens=60, thinking=True, min_thinking_tokens=20)
+    budgets, seeds = [30, 45, 26, 50, 35], [5, 6, 7, 8, 9]
+    runs = {name: LocalEngine(model, tok, precision="fp32", max_batch=4, **kw).generate(
+        prompts, 2, sp, seeds=seeds, max_thinking_tokens=budgets)
+        for name, kw in {"continuous": {}, "static": {"continuous": False}, "transformers": {"fast_decode": False}}.items()}
+    for name in ("static", "transformers"):
+        for group, ref in zip(runs["continuous"], runs[name]):
+            assert [(c.token_ids, c.forced, c.thinking_tokens) for c in group] == \
+                [(c.token_ids, c.forced, c.thinking_tokens) for c in ref]
+    assert any(any(c.forced) for g in runs["continuous"] for c in g)
+    assert len({len(c.token_ids) for g in runs["continuous"] for c in g}) > 2
+
+
 # ------------------------------------------------------------------------------------------------ the records
 
 def test_records_count_thinking_and_answer_and_rewards_read_them(thinker):

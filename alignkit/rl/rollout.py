@@ -8,7 +8,9 @@ loop instead of ``model.generate``:
   samples of each prompt, and the first token of every sample is drawn from the shared last-position logits;
 - each decoding step feeds one token per still-active row; rows that finish (EOS, stop string, token limit)
   are selected out of the cache, so late steps do not pay for finished rows;
-- more than ``max_batch`` rows (``prompts x n``) are processed in chunks of whole prompts, shortest first.
+- more than ``max_batch`` rows (``prompts x n``) are batched continuously on the lean path (a waiting prompt,
+  shortest first, takes the slots of finished rows while the others go on) and in chunks of whole prompts on
+  transformers' path.
 
 Sampling at temperature ``T > 0``: ``p = softmax(logits / T)``, truncated to the ``top_k`` most likely tokens,
 then to the nucleus (the smallest set of most likely tokens whose renormalized mass is ``>= top_p``, never
@@ -42,7 +44,7 @@ from transformers import DynamicCache
 
 from alignkit.models.logprobs import unwrap
 from alignkit.models.prepacked import prepack_linears
-from alignkit.rl.decode import KVBuffer, fast_decoder, head_logits
+from alignkit.rl.decode import FastDecoder, fast_decoder, fuse_projections, head_logits, supports_fast_decode
 from alignkit.rl.thinking import Thinking, split_completion
 from alignkit.train import strategy
 from alignkit.weights import WeightVersionError
@@ -223,8 +225,9 @@ class _Uniforms:
                                generator=torch.Generator(device=device).manual_seed(s)) for s in row_seeds]
             self.table_RT = torch.stack(rows) if rows else torch.empty(0, steps, dtype=torch.float64, device=device)
 
-    def draw(self, rows_A: torch.Tensor, step: int) -> torch.Tensor:
-        """Uniforms ``[A]`` for the active rows ``rows_A`` (indices into the chunk's rows) at ``step``."""
+    def draw(self, rows_A: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        """Uniforms ``[A]`` for the active rows ``rows_A`` (indices into the chunk's rows) at ``step`` (one int, or
+        ``[A]``: each row's own step)."""
         if self.table_RT is not None:
             return self.table_RT[rows_A, step]
         return torch.rand(rows_A.shape[0], dtype=torch.float64, generator=self.generator, device=self.device)
@@ -272,11 +275,15 @@ class LocalEngine:
     The copy's linear layers hold oneDNN-prepacked weights where the torch build allows
     (:mod:`alignkit.models.prepacked`).
 
-    The prompts are prefilled with transformers' forward. Decode steps of Llama-style models (the bf16 copy, or
-    an fp32 model without adapters) run :class:`alignkit.rl.decode.FastDecoder`, which does the same arithmetic
-    with less overhead per step; ``fast_decode=False`` keeps transformers' forward for them too. Both speed paths
-    are CPU ones, measured on the CPU (``bench/decode_parts.py``): on another device the copy keeps plain
-    ``nn.Linear`` layers and every step runs transformers' forward, with its SDPA or flash attention kernels.
+    Llama-style models (the bf16 copy, or an fp32 model without adapters) are prefilled and decoded by
+    :class:`alignkit.rl.decode.FastDecoder`, which does the same arithmetic with less overhead: the copy's q/k/v
+    and gate/up are fused into one matmul each (the copy is then run by the lean forward only), keys and values
+    sit in per-row slots in the model's dtype (``kv_cache_dtype`` overrides it), and the rows are batched
+    continuously (:meth:`_generate_slots`; ``continuous=False`` admits prompts only into an empty batch). Rows
+    keep their seeds' uniforms, thinking state and positions wherever they sit, so the samples per seed are
+    those of a static batch. ``fast_decode=False`` keeps transformers' forward. These speed paths are CPU ones,
+    measured on the CPU (``bench/decode_parts.py``): on another device the copy keeps plain ``nn.Linear``
+    layers and every step runs transformers' forward, with its SDPA or flash attention kernels.
 
     ``eos_ids`` holds the token ids that end a completion: the tokenizer's EOS and the model's
     ``generation_config.eos_token_id`` (set it to an empty set to always run to ``max_new_tokens``).
@@ -288,12 +295,15 @@ class LocalEngine:
     logprob_semantics = "tempered_untruncated"
     thinking_requests = True  # generate() takes per-prompt thinking modes and budgets
 
-    def __init__(self, model, tokenizer, *, precision: str = "bf16", max_batch: int = 64, fast_decode: bool = True):
+    def __init__(self, model, tokenizer, *, precision: str = "bf16", max_batch: int = 64, fast_decode: bool = True,
+                 continuous: bool = True):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
         self.tokenizer, self.precision, self.max_batch, self.fast_decode = tokenizer, precision, max_batch, fast_decode
+        self.continuous = continuous
+        self.kv_cache_dtype: torch.dtype | None = None  # the lean forward's keys/values (None: the model's dtype)
         self.model = model
-        self._copy, self._packed = None, {}
+        self._copy, self._packed, self._fused = None, {}, {}
         self.version, self.asleep = 0, False
         self.last_sync_bytes = 0  # bytes written into the copy by the last update_weights
         eos = {tokenizer.eos_token_id}
@@ -323,17 +333,39 @@ class LocalEngine:
         base = unwrap(model)
         if self._copy is None:
             self._copy = _empty_copy(base, torch.bfloat16 if self.precision == "bf16" else torch.float32)
+            # only the lean forward runs the copy: its q/k/v and gate/up become one matmul each (held once)
+            lean = self.fast_decode and next(self._copy.parameters()).device.type == "cpu"
+            self._fused = fuse_projections(self._copy) if lean and supports_fast_decode(self._copy) else {}
             self._packed = prepack_linears(self._copy) if self.precision == "bf16" else {}
         with torch.no_grad(), strategy.gathered(model):
             for name, p in self._copy.named_parameters():
-                p.copy_(merged_parameter(base, name))
+                p.copy_(self._source(base, name))
             for name, layer in self._packed.items():
-                layer.load(merged_parameter(base, name + ".weight"))
+                layer.load(self._source(base, name + ".weight"))
         self.last_sync_bytes = sum(p.numel() * p.element_size() for p in self._copy.parameters())
         self.last_sync_bytes += sum(layer.in_features * layer.out_features * 2 for layer in self._packed.values())
 
+    def _source(self, base, name: str) -> torch.Tensor:
+        """The copy's parameter ``name`` from ``base``: a fused layer's is its parts' concatenated."""
+        mod, _, attr = name.rpartition(".")
+        if mod not in self._fused:
+            return merged_parameter(base, name)
+        return torch.cat([merged_parameter(base, f"{part}.{attr}") for part, _ in self._fused[mod]])
+
+    def held_weights(self) -> dict[str, torch.Tensor]:
+        """The copy's weights by the plain model's names (prepacked ones unpacked, fused ones split): what the
+        engine generates with."""
+        got = {n: p.detach() for n, p in self._copy.named_parameters()}
+        got.update({f"{name}.weight": layer.weight for name, layer in self._packed.items()})
+        for name, parts in self._fused.items():
+            for attr in ("weight", "bias"):
+                if f"{name}.{attr}" in got:
+                    pieces = got.pop(f"{name}.{attr}").split([size for _, size in parts])
+                    got.update({f"{part}.{attr}": x for (part, _), x in zip(parts, pieces)})
+        return got
+
     def sleep(self) -> None:
-        self._copy, self._packed, self.asleep = None, {}, True
+        self._copy, self._packed, self._fused, self.asleep = None, {}, {}, True
 
     def wake(self) -> None:
         if self.asleep:
@@ -379,14 +411,17 @@ class LocalEngine:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
         per_chunk = max(1, self.max_batch // n)
         out: list[list[Completion]] = [[] for _ in prompts]
+        fast = fast_decoder(unwrap(net)) if self.fast_decode and device.type == "cpu" else None
         modes = [(m, m.training) for m in net.modules()]  # restored module by module (some may be frozen in eval)
         net.eval()
         try:
             # no_grad rather than inference_mode: buffers a model updates in forward (e.g. dynamic RoPE) must stay
             # usable by the training model's autograd afterwards.
             with torch.no_grad():
-                for start in range(0, len(order), per_chunk):
-                    idx = order[start : start + per_chunk]
+                # the lean forward batches continuously over the whole call; transformers' in chunks of prompts
+                step = max(1, len(order)) if fast is not None else per_chunk
+                for start in range(0, len(order), step):
+                    idx = order[start : start + step]
                     row_seeds = None
                     if seeds is not None and sampling.temperature > 0:
                         row_seeds = [row_seed(int(seeds[i]), j) for i in idx for j in range(n)]
@@ -396,7 +431,10 @@ class LocalEngine:
                                      None if thinking is None else [thinking[i] for i in idx],
                                      None if max_thinking_tokens is None else [max_thinking_tokens[i] for i in idx],
                                      self.eos_ids)
-                    done = self._generate_chunk(net, chunk, n, sampling, uniforms, device, think)
+                    if fast is not None:
+                        done = self._generate_slots(fast, chunk, n, sampling, uniforms, device, think)
+                    else:
+                        done = self._generate_chunk(net, chunk, n, sampling, uniforms, device, think)
                     for j, i in enumerate(idx):
                         out[i] = done[j * n : (j + 1) * n]
         finally:
@@ -404,9 +442,89 @@ class LocalEngine:
                 m.training = training
         return out
 
+    def _generate_slots(self, fast: FastDecoder, prompts: list[list[int]], n, sampling, uniforms: _Uniforms,
+                        device, think: Thinking) -> list[Completion]:
+        """Completions of ``len(prompts) * n`` rows (row ``r`` is sample ``r % n`` of prompt ``r // n``) by the
+        lean forward, batched continuously.
+
+        ``max(max_batch, n)`` slots: the prompts are admitted in order, whole (their ``n`` rows share one
+        prefill), whenever their rows fit in the free slots; a finished row leaves its slot at once, so a waiting
+        prompt starts while the others go on, and a batch of uneven lengths does not run at the pace of its
+        longest row. A row keeps its own step count (its uniforms), thinking state and position. With
+        ``continuous=False`` prompts are admitted only into an empty batch (static chunks of whole prompts)."""
+        R, slots = len(prompts) * n, max(self.max_batch, n)
+        cache = fast.cache(slots, max(map(len, prompts)) + sampling.max_new_tokens, self.kv_dtype(fast))
+        waiting = list(range(len(prompts)))
+        live: list[int] = []  # the row in each live slot
+        steps = [0] * R  # decode steps each row has taken: its next uniform
+        tokens: list[list[int]] = [[] for _ in range(R)]
+        logps: list[list[float]] = [[] for _ in range(R)]
+        reasons = ["length"] * R
+        stops = tuple(s for s in sampling.stop if s)
+        logits_LV = torch.empty(0, 0, device=device)
+        while True:
+            if waiting and (self.continuous or not live):
+                take = []
+                while waiting and len(live) + (len(take) + 1) * n <= slots:
+                    take.append(waiting.pop(0))
+                if take:
+                    logits_PV, keys, values = fast.prefill([prompts[i] for i in take], cache.keys[0].dtype)
+                    src = [k for k in range(len(take)) for _ in range(n)]
+                    cache.admit(keys, values, [len(prompts[take[k]]) for k in src], src)
+                    live += [i * n + j for i in take for j in range(n)]
+                    first_V = logits_PV[torch.tensor(src, device=device)]  # a prompt's samples share its logits
+                    logits_LV = torch.cat([logits_LV, first_V]) if logits_LV.numel() else first_V
+            if not live:
+                break
+            at = [steps[r] for r in live]
+            u_L = None
+            if sampling.temperature > 0:
+                u_L = uniforms.draw(torch.tensor(live, device=device), torch.tensor(at, device=device))
+            tok_L, lp_L = sample_next(logits_LV, sampling, u_L)
+            toks, lps = tok_L.tolist(), lp_L.tolist()
+            for j, back in think.choose(live, tokens, logps, toks, lps, logits_LV):
+                cache.take_back(j, back)
+            last = [a + 1 >= sampling.max_new_tokens for a in at]
+            keep = self._append(live, toks, lps, last, tokens, logps, reasons, think, stops)
+            order = cache.compact(keep)
+            live = [live[j] for j in order]
+            logits_LV = torch.empty(0, 0, device=device)
+            if live:
+                logits_LV = fast.step(torch.tensor([toks[j] for j in order], device=device), cache)
+                for r in live:
+                    steps[r] += 1
+        return [self._completion(tokens[r], logps[r], reasons[r], stops, think, r) for r in range(R)]
+
+    def kv_dtype(self, fast: FastDecoder) -> torch.dtype:
+        """The lean forward's key/value dtype: ``kv_cache_dtype`` when set, else the model's. For the bf16 copy that
+        halves the attention's reads, and it is what transformers' bf16 cache holds: teacher-forced on SmolLM2's
+        fp32 greedy path the logits move by 0.116 on average against 0.113 with float32 keys/values and 0.110
+        through transformers' bf16 step (``bench/decode_accuracy.py``)."""
+        return self.kv_cache_dtype or fast.dtype
+
+    def _append(self, active: list[int], toks: list[int], lps: list[float], last: list[bool], tokens, logps,
+                reasons, think: Thinking, stops) -> list[int]:
+        """Append each active row's token and log-prob; returns the positions (in ``active``) of the rows that go
+        on: not ended by EOS or a stop string (in the answer), and not at their last step (``last``)."""
+        window = max((len(s) for s in stops), default=0) + STOP_MARGIN
+        keep = []
+        for j, (r, t, lp) in enumerate(zip(active, toks, lps)):
+            tokens[r].append(t)
+            logps[r].append(lp)
+            think.appended(r, tokens[r])
+            answer_at = think.answer_start(r)
+            if t in self.eos_ids:
+                reasons[r] = "eos"
+            elif stops and answer_at is not None and self._ends_with_stop(tokens[r][answer_at:][-window:], stops):
+                reasons[r] = "stop"
+            elif not last[j]:
+                keep.append(j)
+        return keep
+
     def _generate_chunk(self, net, prompts: list[list[int]], n, sampling, uniforms: _Uniforms,
                         device, think: Thinking) -> list[Completion]:
-        """Completions of ``len(prompts) * n`` rows, row ``r`` being sample ``r % n`` of prompt ``r // n``.
+        """Completions of ``len(prompts) * n`` rows, row ``r`` being sample ``r % n`` of prompt ``r // n``, by
+        transformers' forward.
 
         A row forcing a token (``think``) is fed it instead of the sampled one; a row taking tokens back masks their
         positions out and reuses their position ids."""
@@ -420,9 +538,6 @@ class LocalEngine:
         pos_PT = (mask_PT.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=unwrap(net).config)  # the config gives sliding-window layers their own kind
         logits_PV = _forward(net, ids_PT, mask_PT, pos_PT, cache)
-        fast = fast_decoder(unwrap(net)) if self.fast_decode and device.type == "cpu" else None
-        if fast is not None:
-            cache = KVBuffer.from_cache(cache, capacity=T + sampling.max_new_tokens)
 
         R = P * n
         prompt_of_R = torch.arange(P, device=device).repeat_interleave(n)
@@ -435,7 +550,6 @@ class LocalEngine:
         logps: list[list[float]] = [[] for _ in range(R)]
         reasons = ["length"] * R
         stops = tuple(s for s in sampling.stop if s)
-        window = max((len(s) for s in stops), default=0) + STOP_MARGIN
         for step in range(sampling.max_new_tokens):
             u_A = uniforms.draw(rows_A, step) if sampling.temperature > 0 else None
             tok_A, lp_A = sample_next(logits_AV, sampling, u_A)
@@ -446,18 +560,8 @@ class LocalEngine:
                 next_pos_A[j] -= back
             if toks != sampled:
                 tok_A = torch.tensor(toks, device=device)
-            keep = []
-            for j, (r, t, lp) in enumerate(zip(active, toks, lps)):
-                tokens[r].append(t)
-                logps[r].append(lp)
-                think.appended(r, tokens[r])
-                answer_at = think.answer_start(r)
-                if t in self.eos_ids:
-                    reasons[r] = "eos"
-                elif stops and answer_at is not None and self._ends_with_stop(tokens[r][answer_at:][-window:], stops):
-                    reasons[r] = "stop"
-                elif step + 1 < sampling.max_new_tokens:
-                    keep.append(j)
+            last = [step + 1 >= sampling.max_new_tokens] * len(active)
+            keep = self._append(active, toks, lps, last, tokens, logps, reasons, think, stops)
             if not keep:
                 break
             if len(keep) < len(active) or step == 0:
@@ -468,10 +572,7 @@ class LocalEngine:
                 active = [active[j] for j in keep]
                 tok_A, mask_AS, next_pos_A, rows_A = tok_A[sel_A], mask_AS[sel_A], next_pos_A[sel_A], rows_A[sel_A]
             mask_AS = torch.cat([mask_AS, mask_AS.new_ones(len(active), 1)], dim=1)
-            if fast is not None:
-                logits_AV = fast.step(tok_A, mask_AS, next_pos_A, cache)
-            else:
-                logits_AV = _forward(net, tok_A[:, None], mask_AS, next_pos_A[:, None], cache)
+            logits_AV = _forward(net, tok_A[:, None], mask_AS, next_pos_A[:, None], cache)
             cache_rows_A = torch.arange(len(active), device=device)
             next_pos_A = next_pos_A + 1
         return [self._completion(tokens[r], logps[r], reasons[r], stops, think, r) for r in range(R)]
