@@ -161,3 +161,28 @@ def test_a_full_cache_is_an_error():
     cache.admit(keys, values, [2], [0])
     with pytest.raises(RuntimeError, match="holds 2 positions"):
         lean.step(torch.tensor([7]), cache)
+
+
+@pytest.mark.skipif(not prepack_available(), reason="this torch build cannot prepack bf16 linears")
+def test_compiled_step_gives_the_eager_steps_logits_and_follows_new_weights():
+    """``torch.compile`` of the decode step, the prepacked matmuls inside the graph as the custom op: the eager
+    step's logits, and a weight loaded after compiling is the one used (the op reads the live packed weight)."""
+    model = _llama().to(torch.bfloat16)
+    fuse_projections(model)
+    layers = prepack_linears(model)
+    eager, compiled = fast_decoder(model), fast_decoder(model).compile()
+    prompts = _prompts(model)
+    _, keys, values = eager.prefill(prompts, torch.bfloat16)
+    caches = [eager.cache(3, 16, torch.bfloat16) for _ in range(2)]
+    for c in caches:
+        c.admit(keys, values, LENGTHS, [0, 1, 2])
+    tok = torch.tensor([4, 5, 6])
+    for _ in range(3):
+        a, b = eager.step(tok, caches[0]), compiled.step(tok, caches[1])
+        torch.testing.assert_close(b, a, atol=0.05 * a.abs().max().item(), rtol=0)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        tok = a.argmax(-1)
+    head = layers["lm_head"]
+    head.load(head.weight * 2)  # the head's logits double, with no recompilation
+    a, b = eager.step(tok, caches[0]), compiled.step(tok, caches[1])
+    torch.testing.assert_close(b, a, atol=0.05 * a.abs().max().item(), rtol=0)

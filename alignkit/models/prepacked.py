@@ -10,14 +10,37 @@ the rollout copy of SmolLM2-135M takes about 4x as long with it (124-217 ms agai
 The two ops used (``torch.ops.mkldnn._reorder_linear_weight`` and ``_linear_pointwise``) are the ones
 ``torch.compile`` uses for frozen CPU linears. They are private, so :func:`prepack_available` checks them once on
 a small matrix against ``F.linear`` and everything falls back to plain layers when they are missing or disagree.
+
+Under ``torch.compile`` the packed weight is an opaque oneDNN tensor that the compiler cannot trace (it has no
+fake version), so a layer is called through the custom op ``alignkit::prepacked_linear``, which takes the input
+and the layer's key in a registry of live layers and has a fake implementation giving the output's shape: the
+compiled graph treats the matmul as one opaque call and fuses what lies between, and the op reads the layer's
+current packed weight at run time, so a compiled graph follows :meth:`PrepackedLinear.load` without recompiling.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
 
 import torch
 from torch import Tensor, nn
+
+_LAYERS: weakref.WeakValueDictionary[int, PrepackedLinear] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("alignkit::prepacked_linear", mutates_args=())
+def prepacked_linear(x: Tensor, key: int) -> Tensor:
+    """``_LAYERS[key](x)``: a prepacked layer as an op ``torch.compile`` can place in a graph."""
+    layer = _LAYERS[key]
+    return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+
+
+@prepacked_linear.register_fake
+def _(x: Tensor, key: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], _LAYERS[key].out_features))
 
 
 class PrepackedLinear(nn.Module):
@@ -28,6 +51,8 @@ class PrepackedLinear(nn.Module):
         self.in_features, self.out_features, self.batch_hint = in_features, out_features, batch_hint
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
         self.packed: Tensor | None = None
+        self.key = next(_KEYS)  # this layer in the registry the compiled op reads
+        _LAYERS[self.key] = self
 
     @torch.no_grad()
     def load(self, weight: Tensor) -> None:
@@ -43,6 +68,8 @@ class PrepackedLinear(nn.Module):
         return self.packed.to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return prepacked_linear(x, self.key)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

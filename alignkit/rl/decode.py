@@ -229,15 +229,29 @@ class FastDecoder:
             raise RuntimeError(f"the key/value cache holds {cache.capacity} positions; position {S - 1} is past it")
         device = tokens_B.device
         rows_B, cols_B = torch.arange(B, device=device), torch.tensor(cols, device=device)
-        pos_B = torch.tensor(cache.pos[:B], device=device)
         cache.bias[rows_B, cols_B] = 0.0
+        logits_BV = self._step(tokens_B, torch.tensor(cache.pos[:B], device=device), rows_B, cols_B, cache.keys,
+                               cache.values, cache.bias[:B, :S])
+        for b in range(B):
+            cache.cols[b] += 1
+            cache.pos[b] += 1
+        return logits_BV
+
+    def compile(self) -> FastDecoder:
+        """Run :meth:`step`'s tensor work compiled (``torch.compile``, sizes dynamic): one graph for the whole
+        step, the prepacked matmuls inside it as opaque ops (:mod:`alignkit.models.prepacked`)."""
+        self._step = torch.compile(self._step, dynamic=True)
+        return self
+
+    def _step(self, tokens_B, pos_B, rows_B, cols_B, keys_L, values_L, bias_BS) -> Tensor:
+        B, S = bias_BS.shape
         h_BD = self.decoder.embed_tokens(tokens_B)
         cos_B1d, sin_B1d = self.decoder.rotary_emb(h_BD, pos_B[:, None])  # [B, 1, d]: broadcast over heads
-        bias_B11S = cache.bias[:B, None, None, :S]
+        bias_B11S = bias_BS[:, None, None, :]
         Hq, Hk, d = self.n_heads, self.n_kv, self.head_dim
         for i, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
-            keys, values = cache.keys[i], cache.values[i]
+            keys, values = keys_L[i], values_L[i]
             q, k, v = self._qkv(attn, layer.input_layernorm(h_BD))
             q_BHd = _rotate(q.reshape(B, Hq, d), cos_B1d, sin_B1d)
             keys[rows_B, :, cols_B] = _rotate(k.reshape(B, Hk, d), cos_B1d, sin_B1d).to(keys.dtype)
@@ -248,9 +262,6 @@ class FastDecoder:
             out_BKGd = torch.matmul(scores.softmax(-1).to(values.dtype), values[:B, :, :S])
             h_BD = h_BD + attn.o_proj(out_BKGd.reshape(B, Hq * d).to(h_BD.dtype))
             h_BD = h_BD + self._mlp(layer.mlp, layer.post_attention_layernorm(h_BD))
-        for b in range(B):
-            cache.cols[b] += 1
-            cache.pos[b] += 1
         return head_logits(self.model, self.decoder.norm(h_BD))
 
 

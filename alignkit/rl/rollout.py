@@ -296,11 +296,12 @@ class LocalEngine:
     thinking_requests = True  # generate() takes per-prompt thinking modes and budgets
 
     def __init__(self, model, tokenizer, *, precision: str = "bf16", max_batch: int = 64, fast_decode: bool = True,
-                 continuous: bool = True):
+                 continuous: bool = True, compile: bool = False):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
         self.tokenizer, self.precision, self.max_batch, self.fast_decode = tokenizer, precision, max_batch, fast_decode
-        self.continuous = continuous
+        self.continuous, self.compile = continuous, compile
+        self._fast: FastDecoder | None = None  # kept across calls: a compiled step is compiled once
         self.kv_cache_dtype: torch.dtype | None = None  # the lean forward's keys/values (None: the model's dtype)
         self.model = model
         self._copy, self._packed, self._fused = None, {}, {}
@@ -365,7 +366,7 @@ class LocalEngine:
         return got
 
     def sleep(self) -> None:
-        self._copy, self._packed, self._fused, self.asleep = None, {}, {}, True
+        self._copy, self._packed, self._fused, self._fast, self.asleep = None, {}, {}, None, True
 
     def wake(self) -> None:
         if self.asleep:
@@ -411,7 +412,7 @@ class LocalEngine:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
         per_chunk = max(1, self.max_batch // n)
         out: list[list[Completion]] = [[] for _ in prompts]
-        fast = fast_decoder(unwrap(net)) if self.fast_decode and device.type == "cpu" else None
+        fast = self._lean(net) if self.fast_decode and device.type == "cpu" else None
         modes = [(m, m.training) for m in net.modules()]  # restored module by module (some may be frozen in eval)
         net.eval()
         try:
@@ -441,6 +442,14 @@ class LocalEngine:
             for m, training in modes:
                 m.training = training
         return out
+
+    def _lean(self, net) -> FastDecoder | None:
+        """The lean forward of ``net`` (None when unsupported), compiled with ``compile=True``."""
+        if self._fast is None or self._fast.model is not unwrap(net):
+            self._fast = fast_decoder(unwrap(net))
+            if self._fast is not None and self.compile:
+                self._fast.compile()
+        return self._fast
 
     def _generate_slots(self, fast: FastDecoder, prompts: list[list[int]], n, sampling, uniforms: _Uniforms,
                         device, think: Thinking) -> list[Completion]:
