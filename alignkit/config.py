@@ -172,6 +172,7 @@ class DPOConfig(TrainConfig):
     kto_lambda_d: float = opt(1.0, "KTO weight of desirable examples.")
     kto_lambda_u: float = opt(1.0, "KTO weight of undesirable examples.")
     share_prompt: bool = opt(True, "Run each pair's prompt through the model once for both responses (one sequence, masked attention).")
+    rpo_alpha: float = opt(0.0, "Weight alpha of the chosen response's mean token NLL added to each pair's loss (RPO, Pang et al. 2404.19733; TRL's rpo_alpha): keeps the chosen answers likely while the margin grows; 0: off.")
     reference: str = opt("cached", "Reference log-probs: computed once before training (cached) or every step (live).", ("cached", "live"))
     lr: float = opt(5e-6, "Peak learning rate of AdamW.")
 
@@ -181,6 +182,10 @@ class DPOConfig(TrainConfig):
             raise ConfigError(f"label_smoothing must be in [0, 0.5) for loss={self.loss}, got {self.label_smoothing}")
         if self.beta <= 0:
             raise ConfigError(f"beta must be positive, got {self.beta}")
+        if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
+            raise ConfigError(f"rpo_alpha must be a finite weight >= 0, got {self.rpo_alpha}")
+        if self.rpo_alpha and self.loss == "kto":
+            raise ConfigError("rpo_alpha adds the chosen response's NLL to a paired loss: kto has no chosen response")
 
 
 @dataclass

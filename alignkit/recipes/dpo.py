@@ -141,6 +141,7 @@ class PreferenceTask:
         self.soft = soft
         self.pad_id, self.chunk, self.reference = pad_id, cfg.logits_chunk, reference
         self.shared = cfg.share_prompt
+        self.rpo_alpha = getattr(cfg, "rpo_alpha", 0.0)
         self.z0 = torch.tensor(0.0)
 
     def weight(self, row: Encoded) -> float:
@@ -180,6 +181,11 @@ class PreferenceTask:
         out, lp, n = self.output(model, rows)
         total = out.losses.sum()
         metrics = {"loss": (total.item(), float(len(rows))), **reward_metrics(out, self.spec.paired)}
+        if self.rpo_alpha and self.spec.paired:
+            # RPO (2404.19733): each pair's loss plus alpha times its chosen response's mean token NLL
+            nll = -(lp[:, 0] / n[:, 0].clamp(min=1))
+            total = total + self.rpo_alpha * nll.sum()
+            metrics["nll/chosen"] = (nll.detach().sum().item(), float(len(rows)))
         if self.spec.paired:
             # the model's own preference, without the reference: summed and length-normalised log-probs
             lp, avg = lp[:, :2].detach(), lp[:, :2].detach() / n[:, :2]
