@@ -11,7 +11,8 @@ import pytest
 
 from alignkit.cli import main
 from alignkit.data.thinking import requested_mode
-from alignkit.eval.thinking import budget_sweep, conversations, follows, run_conversations, score_following
+from alignkit.eval.thinking import (budget_sweep, conversations, follows, run_conversations, score_following,
+                                    stopped_by_budget)
 from alignkit.rl.rollout import Completion
 
 THINKS, EMPTY, BARE = "<think>\n2 + 2 = 4\n</think>\n\n4", "<think>\n\n</think>\n\n4", "4"
@@ -139,3 +140,17 @@ def test_eval_thinking_suite_on_the_tiny_model(tmp_path):
     html = (out / "report.html").read_text()
     assert "<h2>Thinking</h2>" in html and (out / "thinking_budget.png").stat().st_size > 0
     assert main(["eval", "model=tiny", "suites=thinking", "thinking_budgets=0,8", f"output_dir={out}"]) == 2
+
+
+def test_stopped_by_budget_counts_the_forced_close_not_the_forced_opening():
+    """The engine forces the opening of a thinking block too: only a block that fills the budget and ends in forced
+    tokens was stopped by it."""
+    def comp(k, forced):
+        return Completion(list(range(k + 3)), "", [0.0] * (k + 3), "eos", forced=forced, thinking_tokens=k)
+
+    opened = [True, True] + [False] * 10  # forced <think>\n, then the model thinks and closes by itself
+    assert not stopped_by_budget(comp(9, opened), 16)  # closed early by the model
+    assert not stopped_by_budget(comp(9, opened), 9)  # closed by the model exactly at the budget
+    cut = [True, True] + [False] * 11 + [True, True, True] + [False] * 3  # ... and the close forced at 16
+    assert stopped_by_budget(comp(16, cut), 16)
+    assert not stopped_by_budget(comp(0, []), 8)

@@ -111,6 +111,14 @@ def answer_scores(completions, answers: Sequence) -> list[float]:
     return [float(v or 0.0) for v in correctness_reward(None, [c.answer for c in completions], list(answers))]
 
 
+def stopped_by_budget(completion, budget: int) -> bool:
+    """Whether the hard stop ended the completion's thinking: its block holds the whole budget and ends in forced
+    tokens. (The opening ``<think>`` the engine feeds for thinking on is forced too, so "any forced token" would
+    count every completion.)"""
+    k = completion.thinking_tokens
+    return k >= budget and 0 < k <= len(completion.forced) and bool(completion.forced[k - 1])
+
+
 def budget_sweep(engine, prompt_ids_list: list[list[int]], answers: Sequence, budgets: Sequence[int], *,
                  answer_tokens: int, budget_action: str = "force_end", n_boot: int = 2000, seed: int = 0) -> dict:
     """Accuracy at each thinking budget with the hard stop, with thinking off, on minus off (paired), and the
@@ -128,7 +136,7 @@ def budget_sweep(engine, prompt_ids_list: list[list[int]], answers: Sequence, bu
         curve.append({"budget": b, "accuracy": float(np.mean(ok)), "ci": _ci(ok, n_boot, seed),
                       "within_budget": float(np.mean(within)),
                       "thinking_tokens": float(np.mean([c.thinking_tokens for c in comps])),
-                      "cut": float(np.mean([any(c.forced) for c in comps]))})
+                      "cut": float(np.mean([stopped_by_budget(c, b) for c in comps]))})
         on_scores = ok
     off = [g[0] for g in engine.generate(prompt_ids_list, 1, SamplingParams(
         temperature=0.0, max_new_tokens=answer_tokens, thinking=False))]
