@@ -140,6 +140,17 @@ def test_eval_thinking_suite_on_the_tiny_model(tmp_path):
     html = (out / "report.html").read_text()
     assert "<h2>Thinking</h2>" in html and (out / "thinking_budget.png").stat().st_size > 0
     assert main(["eval", "model=tiny", "suites=thinking", "thinking_budgets=0,8", f"output_dir={out}"]) == 2
+    # a budget the tags do not fit in: exit 2 naming the setting, before anything is generated
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.rl.thinking import smallest_budget
+
+    need = smallest_budget(load_tokenizer("tiny"))
+    assert need > 2
+    assert main(["eval", "model=tiny", "suites=thinking", f"thinking_budgets={need - 1},40", f"output_dir={out}",
+                 f"thinking_data={data}", "precision=fp32"]) == 2
+    assert main(["eval", "model=tiny", "suites=thinking", f"thinking_budgets={need},40", f"output_dir={out}",
+                 f"thinking_data={data}", "thinking_answer_tokens=2", "thinkfollow_conversations=2", "bootstrap=50",
+                 "precision=fp32"]) == 0
 
 
 def test_stopped_by_budget_counts_the_forced_close_not_the_forced_opening():

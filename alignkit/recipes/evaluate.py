@@ -350,8 +350,15 @@ def pluralistic(cfg: EvalConfig, players: list[Contestant], out: dict, samples: 
 
 
 def thinking(cfg: EvalConfig, players: list[Contestant], out: dict, samples: list) -> dict:
+    from alignkit.errors import ConfigError
     from alignkit.eval import thinking as th
+    from alignkit.rl.thinking import smallest_budget
 
+    for p in players:  # before any generation: a budget too small for the tags is a setting, not a crash
+        need = smallest_budget(p.tok, cfg.budget_action)
+        if min(cfg.budgets) < need:
+            raise ConfigError(f"thinking_budgets: {min(cfg.budgets)} is below the {need} tokens that opening and "
+                              f"closing a thinking block take with the {p.name}'s tokenizer ({cfg.budget_action})")
     rows = read_rows(cfg.thinking_data, cfg.thinking_limit)
     prompts = [as_messages(r["prompt"]) for r in rows]
     convs = th.conversations(prompts, cfg.thinkfollow_conversations, cfg.thinkfollow_turns, cfg.seed)

@@ -86,6 +86,13 @@ class ThinkingTokens:
         return self.force_end if budget_action == "force_end" else self.transition
 
 
+def smallest_budget(tokenizer, budget_action: str = "force_end") -> int:
+    """The fewest thinking tokens a budget can hold with this tokenizer: the opening, then the budget action
+    through its ``</think>`` (a smaller budget is refused)."""
+    seqs = ThinkingTokens.of(tokenizer)
+    return len(seqs.open) + through_close(tokenizer, seqs.action(budget_action))
+
+
 def through_close(tokenizer, ids: list[int]) -> int:
     """How many of ``ids`` it takes to complete ``</think>`` (``len(ids)`` when they never do)."""
     return next((k for k in range(1, len(ids) + 1) if THINK_CLOSE in tokenizer.decode(ids[:k])), len(ids))
