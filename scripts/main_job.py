@@ -56,7 +56,7 @@ def write_data(out: Path, n_held: int) -> tuple[Path, Path, int, int]:
     return out / "train.jsonl", out / "test.jsonl", len(train), len(held)
 
 
-def table(cap: dict, n: int) -> list[str]:
+def table(cap: dict) -> list[str]:
     """The before/after rows of the evaluation's capability suite (accuracy, its interval, and the change's)."""
     lines = [f"| held out (greedy, {DEFAULTS['max_new_tokens']} new tokens) | before | after | change (95% CI) |",
              "|---|---|---|---|"]
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> None:
         f"{cfg.precision}; {minutes:.1f} min in all ({t_train / 60:.1f} training, {minutes - t_train / 60:.1f} "
         f"evaluating).",
         "",
-        *table(result.get("capability", {}), n_test),
+        *table(result.get("capability", {})),
         "",
         f"The evaluation report: [eval/report.html](eval/report.html).",
     ]
