@@ -60,6 +60,7 @@ class TrainConfig:
     warmup_steps: int = opt(0, "Steps of linear warm-up from 0 to `lr`.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables clipping).")
     optimizer_in_backward: bool = opt(False, "Take each parameter's AdamW step in the backward pass as soon as its gradient is complete, and free that gradient (the model's gradients never exist at once; the same update as the plain step). Needs max_grad_norm=0 (the global norm is known only after every gradient), one process and strategy=ddp.")
+    optimizer_state: str = opt("fp32", "AdamW's two moments in fp32 (torch's fused AdamW), or in bf16: half the optimizer's memory (4 bytes a parameter instead of 8), each update computed in fp32 from the stored moments, the second moment rounded stochastically so that it does not stall (alignkit/train/optim.py).", ("fp32", "bf16"))
     seed: int = opt(0, "Seed for data order, initialisation and sampling.")
     precision: str = opt("fp32", "fp32, or bf16 autocast (weights and optimizer state stay fp32; under fsdp2 on CUDA: FSDP2's bf16 parameters with fp32 gradient reduction).", ("fp32", "bf16"))
     strategy: str = opt("ddp", "Across processes (torchrun): ddp (every process holds all weights; gradients summed) or fsdp2 (weights, gradients and optimizer state sharded with torch's fully_shard).", ("ddp", "fsdp2"))
@@ -121,6 +122,9 @@ class TrainConfig:
             raise ConfigError(f"optimizer_in_backward=true updates each parameter before the global gradient norm is "
                               f"known, so it cannot clip to max_grad_norm={self.max_grad_norm}: set max_grad_norm=0 "
                               f"(the norm is still logged), or leave optimizer_in_backward off")
+        if self.optimizer_state == "bf16" and self.strategy == "fsdp2":
+            raise ConfigError("optimizer_state=bf16 is not supported with strategy=fsdp2 yet (its moments would be "
+                              "sharded DTensors): choose one of them")
         if self.optimizer_in_backward and self.strategy == "fsdp2":
             raise ConfigError("optimizer_in_backward=true is not supported with strategy=fsdp2 (its gradients are "
                               "reduce-scattered per layer group): choose one of them")

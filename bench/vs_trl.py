@@ -184,7 +184,7 @@ def alignkit_worker(a: dict) -> dict:
         lora=a["lora"], progress=False, save_merged=False, gradient_checkpointing=a["gradient_checkpointing"],
         seed=a.get("seed", 0), compile=a.get("compile", False),
         # the step in backward cannot clip by the global norm (the one difference from the other runs)
-        optimizer_in_backward=a.get("optimizer_in_backward", False),
+        optimizer_in_backward=a.get("optimizer_in_backward", False), optimizer_state=a.get("optimizer_state", "fp32"),
         max_grad_norm=0.0 if a.get("optimizer_in_backward") else 1.0,
     )
     if a["kind"] == "dpo":
@@ -389,7 +389,11 @@ def main() -> None:
         variants += [("alignkit (optimizer_in_backward=true)", "alignkit", inb),
                      ("alignkit (in backward + checkpointing)", "alignkit", dict(inb, gradient_checkpointing=True)),
                      ("alignkit (in backward + checkpointing + compile)", "alignkit",
-                      dict(inb, gradient_checkpointing=True, compile=True))]
+                      dict(inb, gradient_checkpointing=True, compile=True)),
+                     ("alignkit (in backward + checkpointing + bf16 moments)", "alignkit",
+                      dict(inb, gradient_checkpointing=True, optimizer_state="bf16")),
+                     ("alignkit (checkpointing + bf16 moments)", "alignkit",
+                      dict(pack, gradient_checkpointing=True, optimizer_state="bf16"))]
     variants = [v for v in variants if not any(s in v[0] for s in args.skip)]
     references = [label for label, tool, _ in variants if tool == "trl"][:2]
     peak = matmul_peak(args.precision, args.threads)

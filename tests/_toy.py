@@ -98,3 +98,27 @@ def max_digit_reward(prompts, completions, answer, **_):
         first = c.lstrip()[:1]
         out.append(1.0 if first == a else 0.2 if first.isdigit() else 0.0)
     return out
+
+
+class Crash(RuntimeError):
+    """What :func:`crash_at_loss_call` raises."""
+
+
+def crash_at_loss_call(monkeypatch, recipe, n: int) -> None:
+    """Make ``recipe.train`` raise :class:`Crash` at the ``n``-th call of its task's loss (1-based): a crash at the
+    start of that micro-batch, after the checkpoints written before it."""
+    real_train, calls = recipe.train, {"n": 0}
+
+    def crashing(task, *args, **kwargs):
+        original = task.loss
+
+        def loss(model, rows, normaliser):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise Crash("simulated crash")
+            return original(model, rows, normaliser)
+
+        task.loss = loss
+        return real_train(task, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "train", crashing)

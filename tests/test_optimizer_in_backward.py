@@ -110,27 +110,10 @@ def test_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
     settings = dict(max_steps=6, save_steps=2, batch_size=5, optimizer_in_backward=True)
     whole = _run(data, tmp_path / "whole", **settings)
 
-    class Crash(RuntimeError):
-        pass
-
-    real_train, calls = sft_recipe.train, {"n": 0}
-
-    def crashing(task, *args, **kwargs):
-        original = task.loss
-
-        def loss(model, rows, normaliser):
-            calls["n"] += 1
-            if calls["n"] == 5:  # one micro-batch a step
-                raise Crash("simulated crash")
-            return original(model, rows, normaliser)
-
-        task.loss = loss
-        return real_train(task, *args, **kwargs)
-
     out = tmp_path / "crashed"
     with monkeypatch.context() as m:
-        m.setattr(sft_recipe, "train", crashing)
-        with pytest.raises(Crash):
+        _toy.crash_at_loss_call(m, sft_recipe, 5)  # the start of step 5: one micro-batch a step
+        with pytest.raises(_toy.Crash):
             _run(data, out, **settings)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     _run(data, out, resume=True, **settings)

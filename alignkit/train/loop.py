@@ -35,6 +35,7 @@ from alignkit.errors import Stopped, TrainingDiverged
 from alignkit.models.logprobs import autocast
 from alignkit.train import checkpoint, dist, strategy
 from alignkit.train.in_backward import OptimizerInBackward, check_supported, per_parameter_groups
+from alignkit.train.optim import AdamWBf16State
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +303,13 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer_in_backward:
         check_supported(cfg, world)
-    # The fused kernel (one pass over each tensor) is about 6x torch's default per-tensor loop on CPU.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(
-        per_parameter_groups(params) if cfg.optimizer_in_backward else params, lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused or None,
-    )
+    groups = per_parameter_groups(params) if cfg.optimizer_in_backward else params
+    adam = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer_state == "bf16":
+        optimizer = AdamWBf16State(groups, **adam, seed=cfg.seed)
+    else:  # the fused kernel (one pass over each tensor) is about 6x torch's default per-tensor loop on CPU
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.AdamW(groups, **adam, fused=fused or None)
     source = FixedRows(rows, cfg) if isinstance(rows, list) else rows
     n_steps = source.n_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, n_steps))
