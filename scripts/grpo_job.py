@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 from alignkit.config import RLConfig, build
-from alignkit.data.answers import is_correct
-from alignkit.data.asdiv import load_samples, problem_ids, user_message
+from alignkit.data.asdiv import load_samples, problem_ids, solved_ids, user_message
 from alignkit.data.sources import fetch
 from alignkit.eval.plots import plot_training
 from alignkit.recipes import rl
@@ -40,8 +39,7 @@ def write_data(out: Path, pool: str) -> tuple[Path, Path, int, int]:
     samples = load_samples()
     held = {s["id"] for s in samples[-150:]}
     if pool == "solved":
-        train_ids = [s["id"] for s in samples[:-150]
-                     if any(t and is_correct(t, rows[s["id"]]["answer"]) for t in s["samples"])]
+        train_ids = solved_ids(rows, samples[:-150])
     else:
         train_ids = [i for i in problem_ids(rows) if i not in held]
     out.mkdir(parents=True, exist_ok=True)

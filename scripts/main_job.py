@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 from alignkit.config import EvalConfig, IterativeDPOConfig, build
-from alignkit.data.answers import is_correct
-from alignkit.data.asdiv import N_EVAL, load_samples, problem_ids, user_message
+from alignkit.data.asdiv import N_EVAL, load_samples, problem_ids, solved_ids, user_message
 from alignkit.data.sources import fetch
 from alignkit.recipes import evaluate, iterative_dpo
 
@@ -47,7 +46,7 @@ def write_data(out: Path, n_held: int) -> tuple[Path, Path, int, int]:
     sampled = {s["id"] for s in samples}
     held = [s["id"] for s in samples[-N_EVAL:]] + [i for i in problem_ids(rows) if i not in sampled]
     held = held[:n_held]
-    train = [s["id"] for s in samples[:-N_EVAL] if any(t and is_correct(t, rows[s["id"]]["answer"]) for t in s["samples"])]
+    train = solved_ids(rows, samples[:-N_EVAL])
     assert not set(train) & set(held)
     out.mkdir(parents=True, exist_ok=True)
     for name, ids in (("train", train), ("test", held)):

@@ -3,7 +3,7 @@
 from fractions import Fraction
 
 from alignkit.data.answers import is_correct, last_number, parse_number
-from alignkit.data.asdiv import build_pairs, load_samples
+from alignkit.data.asdiv import build_pairs, load_samples, solved_ids
 
 
 def test_parse_and_last_number():
@@ -45,3 +45,12 @@ def test_shipped_samples_are_well_formed():
     assert all(len(s["samples"]) == 4 for s in samples)
     assert len({s["id"] for s in samples}) == len(samples)
     assert all(isinstance(t, str) for s in samples for t in s["samples"])
+
+
+def test_solved_ids_keeps_problems_some_sample_solves_in_order():
+    rows = {1: {"answer": "3"}, 2: {"answer": "5"}, 3: {"answer": "7"}, 4: {"answer": "2"}}
+    samples = [{"id": 3, "samples": ["so 7.", ""]},          # solved by its first sample
+               {"id": 1, "samples": ["4", "the answer is 3"]},  # solved by its last
+               {"id": 2, "samples": ["", "55", None]},          # never solved: empty, wrong, missing
+               {"id": 4, "samples": []}]
+    assert solved_ids(rows, samples) == [3, 1]

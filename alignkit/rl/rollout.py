@@ -595,10 +595,14 @@ class LocalEngine:
                     r: int) -> Completion:
         text_of = lambda ids: completion_text(self.tokenizer, ids, reason, stops)  # noqa: E731
         n_think = think.thinking_tokens(r, len(token_ids))
-        reasoning, answer = split_completion(self.tokenizer, token_ids, n_think, text_of)
-        text = text_of(token_ids)
-        if reason == "stop" and n_think:  # stop strings end the answer: one in the thinking block cuts nothing
-            text = completion_text(self.tokenizer, token_ids[:n_think], "length", ()) + text_of(token_ids[n_think:])
+        if n_think:
+            reasoning, answer = split_completion(self.tokenizer, token_ids, n_think, text_of)
+            text = text_of(token_ids)
+            if reason == "stop":  # stop strings end the answer: one in the thinking block cuts nothing
+                text = completion_text(self.tokenizer, token_ids[:n_think], "length", ()) + text_of(token_ids[n_think:])
+        else:  # no thinking block: the answer is the whole text, decoded once
+            text = text_of(token_ids)
+            reasoning, answer = "", text.strip()
         return Completion(token_ids=token_ids, text=text, logps=logps, finish_reason=reason,
                           weight_version=self.version, forced=think.forced(r), thinking_tokens=n_think,
                           answer_tokens=len(token_ids) - n_think, reasoning=reasoning, answer=answer)
