@@ -66,7 +66,8 @@ class OptimizerInBackward:
             self._step(p)
 
     def _step(self, p: torch.Tensor) -> None:
-        sq = p.grad.detach().float().square().sum()
+        # the norm in one fused pass: squaring into a temporary first cost as much as the AdamW step itself
+        sq = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
         self._sq = sq if self._sq is None else self._sq + sq.to(self._sq.device)
         opt = self.optimizer
         groups = opt.param_groups
