@@ -201,8 +201,20 @@ def alignkit_worker(a: dict) -> dict:
             "peak_rss_mib": peak_rss_mib(), "ids": alignkit_ids(a["kind"], data) if a.get("return_ids") else None}
 
 
-def alignkit_ids(kind: str, data: Path) -> list[dict]:
-    """The token ids alignkit trains on, in TRL's layout (what ``prepare`` tokenizes, without the model)."""
+def encoded_rows(kind: str, data: str, n: int) -> list[dict]:
+    """The first ``n`` rows of the benchmark's data as alignkit tokenizes them (SFT: prompt + chosen)."""
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()][:n]
+    if kind == "sft":
+        rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "data.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return alignkit_ids(kind, path, split=True)
+
+
+def alignkit_ids(kind: str, data: Path, split: bool = False) -> list[dict]:
+    """The token ids alignkit trains on, in TRL's layout (what ``prepare`` tokenizes, without the model); with
+    ``split``, an SFT row's prompt and response apart."""
     from alignkit.data.formats import load_examples
     from alignkit.data.tokenize import encode_all
     from alignkit.models.loading import load_tokenizer
@@ -211,6 +223,8 @@ def alignkit_ids(kind: str, data: Path) -> list[dict]:
     rows = encode_all(examples, load_tokenizer("smollm2-135m-instruct"), max_length=1024, max_prompt_length=None,
                       truncation="truncate").rows
     if kind == "sft":
+        if split:
+            return [{"prompt_ids": r.prompt, "response_ids": r.responses[0]} for r in rows]
         return [{"input_ids": r.prompt + r.responses[0]} for r in rows]
     return [{"prompt_ids": r.prompt, "chosen_ids": r.responses[0], "rejected_ids": r.responses[1]} for r in rows]
 
@@ -312,20 +326,71 @@ def matmul_peak(precision: str, threads: int, n: int = 2048, repeats: int = 10) 
     return 2 * n**3 / best / 1e9
 
 
-def table(kind: str, results: dict[str, list[dict]], tokens: int, references: list[str], peak: float, n_params: int,
-          show_mfu: bool) -> None:
-    """The medians as a markdown table, with ratios to each run in ``references``. MFU only where
-    ``6 x parameters x tokens`` is the work both tools do (full-fine-tune SFT): LoRA computes no weight gradients,
-    and alignkit's DPO skips work TRL's count includes."""
+def linear_shapes(model: str) -> tuple[list[tuple[int, int]], int, tuple[int, int]]:
+    """The decoder layer's linears as ``(in, out)``, the layer count, and the LM head's ``(in, vocab)``."""
+    c = json.loads((Path(model) / "config.json").read_text())
+    d, f, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c.get("head_dim", 64)
+    return [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)], c["num_hidden_layers"], (d, c["vocab_size"])
+
+
+def _matmul_seconds(m: int, k: int, n: int, precision: str, repeats: int = 5) -> float:
+    """Best time of an ``[m, k] @ [k, n]`` matmul."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def needed_work(kind: str, rows: list[dict], model: str, precision: str) -> tuple[float, float]:
+    """``(FLOPs, matmul seconds)`` of the training step's needed work for ``rows`` (alignkit's ids): the trunk's
+    linears over every token a step must run through the model once (SFT: prompt + response; DPO: the prompt once,
+    both responses), the LM head only over the positions that carry a loss (the response tokens), forward and
+    backward (6 FLOPs per weight and token); attention's score matmuls (a few percent here) are not counted. The
+    seconds are those same matmuls (forward, input gradient, weight gradient) timed alone at their shapes: the
+    step's time if it did nothing but its matmuls, each as fast as this machine runs it."""
+    layers, n_layers, (d, vocab) = linear_shapes(model)
+    if kind == "sft":
+        trunk = sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows)
+        head = sum(len(r["response_ids"]) for r in rows)
+    else:
+        trunk = sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+        head = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
+    flops = 6 * (n_layers * sum(i * o for i, o in layers) * trunk + d * vocab * head)
+    seconds = 0.0
+    for m, shapes, count in ((trunk, layers, n_layers), (head, [(d, vocab)], 1)):
+        for i, o in shapes:  # forward, input gradient, weight gradient
+            seconds += count * (_matmul_seconds(m, i, o, precision) + _matmul_seconds(m, o, i, precision)
+                                + _matmul_seconds(o, m, i, precision))
+    return flops, seconds
+
+
+def table(kind: str, results: dict[str, list[dict]], tokens: int, references: list[str], peak: float,
+          work: tuple[float, float] | None) -> None:
+    """The medians as a markdown table, with ratios to each run in ``references``, and where ``work`` (the step's
+    needed FLOPs and matmul seconds, :func:`needed_work`) is given, MFU: those FLOPs over the step time, over the
+    matmul peak. Both tools are credited with the same needed work, whatever else they compute (TRL's DPO runs the
+    prompt twice and the reference model every step; both SFTs' gradient checkpointing recomputes the forward)."""
     def med(label: str, key: str) -> float:
         if key == "step_s":
             return statistics.median(statistics.median(r["step_s"][1:]) for r in results[label])
         return statistics.median(r[key] for r in results[label])
 
-    print(f"\n{kind.upper()} step, {tokens} tokens a step\n")
+    show_mfu = work is not None
+    print(f"\n{kind.upper()} step, {tokens} tokens a step (as TRL counts them)\n")
     if show_mfu:
-        print(f"Model FLOP utilisation: 6 x {n_params / 1e6:.1f}M parameters x tokens / step time, over the {peak:.0f} "
-              "GFLOP/s matmul peak measured before the runs\n")
+        flops, seconds = work
+        print(f"Model FLOP utilisation: the step's needed work, {flops / 1e9:.0f} GFLOP (trunk over the tokens it "
+              f"must see once, LM head over the loss positions, forward and backward), over the step time, over the "
+              f"{peak:.0f} GFLOP/s matmul peak measured before the runs (a 2048 x 2048 matmul). Those matmuls alone "
+              f"at the step's own shapes take {seconds:.2f} s: {flops / seconds / 1e9:.0f} GFLOP/s, "
+              f"{flops / seconds / 1e9 / peak:.0%} of the peak, the MFU of a step that did nothing else\n")
     speed = "".join(f" speed vs {r} |" for r in references)
     memory = "".join(f" RSS vs {r} |" for r in references)
     print(f"| run | step (s) | tokens/s |{speed} peak RSS (MiB) |{memory}" + (" MFU |" if show_mfu else ""))
@@ -334,7 +399,7 @@ def table(kind: str, results: dict[str, list[dict]], tokens: int, references: li
         step, rss = med(label, "step_s"), med(label, "peak_rss_mib")
         speed = "".join(f" {med(r, 'step_s') / step:.2f}x |" for r in references)
         memory = "".join(f" {rss / med(r, 'peak_rss_mib'):.2f}x |" for r in references)
-        mfu = f" {6 * n_params * tokens / step / 1e9 / peak:.0%} |" if show_mfu else ""
+        mfu = f" {work[0] / step / 1e9 / peak:.0%} |" if show_mfu else ""
         print(f"| {label} | {step:.2f} | {tokens / step:.0f} |{speed} {rss:.0f} |{memory}{mfu}")
 
 
@@ -406,8 +471,9 @@ def main() -> None:
     first = results[variants[0][0]][0]
     print(f"\n{args.kind}, {args.precision}, {'LoRA r16' if args.lora else 'full fine-tune'}, {args.rows} rows, "
           f"median of {args.repeats} processes x steps 2-{args.steps}, {args.threads} threads")
-    table(args.kind, results, first["tokens"], references, peak, SMOLLM2_PARAMS,
-          args.kind == "sft" and not args.lora)
+    work = None if args.lora else needed_work(args.kind, encoded_rows(args.kind, base["data"], args.rows), base["model"],
+                                                args.precision)
+    table(args.kind, results, first["tokens"], references, peak, work)
 
 
 def check(base: dict) -> None:

@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
         "",
         *table(result.get("capability", {})),
         "",
-        f"The evaluation report: [eval/report.html](eval/report.html).",
+        "The evaluation report: [eval/report.html](eval/report.html).",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "main_job.json").write_text(json.dumps({"minutes": minutes, "train_minutes": t_train / 60,
