@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 TRL_VERSION = "1.16.0"
-SMOLLM2_PARAMS = 134_515_008  # SmolLM2-135M, the tied embedding counted once
 TORCH_VERSION = "2.13.0"
 VENV = Path(os.environ.get("ALIGNKIT_TRL_VENV", Path.home() / ".cache/alignkit/bench/trl-venv"))
 TRL_PYTHON = VENV / "bin" / "python"
@@ -315,15 +314,7 @@ def matmul_peak(precision: str, threads: int, n: int = 2048, repeats: int = 10) 
     import torch
 
     torch.set_num_threads(threads)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / _matmul_seconds(n, n, n, precision, repeats) / 1e9
 
 
 def linear_shapes(model: str) -> tuple[list[tuple[int, int]], int, tuple[int, int]]:

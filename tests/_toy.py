@@ -122,3 +122,13 @@ def crash_at_loss_call(monkeypatch, recipe, n: int) -> None:
         return real_train(task, *args, **kwargs)
 
     monkeypatch.setattr(recipe, "train", crashing)
+
+
+def run_until_crash(monkeypatch, recipe, n: int, run) -> None:
+    """Call ``run()`` with :func:`crash_at_loss_call` in place for it (undone after), and check that it crashed."""
+    import pytest
+
+    with monkeypatch.context() as m:
+        crash_at_loss_call(m, recipe, n)
+        with pytest.raises(Crash):
+            run()

@@ -111,10 +111,7 @@ def test_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
     whole = _run(data, tmp_path / "whole", **settings)
 
     out = tmp_path / "crashed"
-    with monkeypatch.context() as m:
-        _toy.crash_at_loss_call(m, sft_recipe, 5)  # the start of step 5: one micro-batch a step
-        with pytest.raises(_toy.Crash):
-            _run(data, out, **settings)
+    _toy.run_until_crash(monkeypatch, sft_recipe, 5, lambda: _run(data, out, **settings))  # at step 5's start
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     _run(data, out, resume=True, **settings)
     assert _max_diff(_weights(whole / "final" / "model.safetensors"), _weights(out / "final" / "model.safetensors")) <= 1e-6

@@ -107,9 +107,10 @@ class AdamWBf16State(torch.optim.Optimizer):
     def _update(self, p, grad, exp_avg, exp_avg_sq, bits, *, lr, b1, b2, eps, wd, t, offset) -> None:
         step_size = lr / (1 - b1 ** t)
         root_c2 = math.sqrt(1 - b2 ** t)
-        flat_p = p.view(-1) if p.is_contiguous() else None
-        work = flat_p if flat_p is not None else p.detach().clone().view(-1)
-        g, m_bf, v_bf = grad.reshape(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
+        if not p.is_contiguous():
+            raise RuntimeError("optimizer_state=bf16 updates parameters through a flat view: a parameter is not "
+                               "contiguous")
+        work, g, m_bf, v_bf = p.view(-1), grad.reshape(-1), exp_avg.view(-1), exp_avg_sq.view(-1)
         for lo in range(0, work.numel(), self.chunk):
             hi = min(lo + self.chunk, work.numel())
             gi = g[lo:hi].float()
@@ -122,5 +123,3 @@ class AdamWBf16State(torch.optim.Optimizer):
             m_bf[lo:hi].copy_(m)
             start = (offset + lo) % self.chunk
             round_stochastic_(v_bf[lo:hi], v, bits[start:start + hi - lo])
-        if flat_p is None:
-            p.copy_(work.view_as(p))
