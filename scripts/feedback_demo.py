@@ -16,7 +16,14 @@ Runs (each one ``alignkit loop`` into OUTPUT/<name>):
 - ``keep_all`` and ``filtered``: the reward model only (``align=none``), on the same proposals and the same votes
   (same seeds), without and with dropping low-agreement annotators;
 - ``uniform`` and ``uncertain``: the reward model only, ``votes`` votes a round (one annotator per pair, no
-  adversaries) on pairs shown in random order or least-certain first out of ``pool`` x ``items`` proposed.
+  adversaries) on pairs shown in random order or least-certain first out of ``pool`` x ``items`` proposed; their
+  gold set is made from ``gold`` held-out problems (the 150 and more drawn from the training pool), so that the
+  two runs' accuracies differ by more than the gold set's sampling error.
+
+``active_summary=DIR,DIR,...`` runs nothing: it reads the ``uniform`` and ``uncertain`` runs of several seeds
+(each ``only=uniform,uncertain seed=S output_dir=DIR``) and writes, into the first DIR, active_selection.md and
+active_selection.png: each seed's curves, their mean, and the votes each selection needs to reach ``target``
+(default: the mean accuracy of random order after all its votes).
 
 Writes OUTPUT/report.md (with the paired bootstrap of the filter's gain on the gold set), OUTPUT/feedback_demo.json
 and OUTPUT/feedback_loop.png; with ``screenshots=1`` also
@@ -41,7 +48,8 @@ from alignkit.data.answers import is_correct  # noqa: E402
 DEFAULTS = dict(model="smollm2-135m-instruct", output_dir="outputs/feedback_demo", precision="auto", seed=0,
                 rounds=3, items=48, overlap=3, crowd_size=8, adversarial=0.25, temperature=0.1,
                 min_annotator_agreement=0.5, max_new_tokens=96, lr=2e-4, beta=0.1, dpo_epochs=3, rm_lr=5e-5,
-                rm_epochs=2, compare_prompts=64, active_rounds=4, votes=24, pool=4, only="", resume=0, screenshots=1)
+                rm_epochs=2, compare_prompts=64, active_rounds=4, votes=24, pool=4, gold=600, only="", resume=0, screenshots=1,
+                active_summary="", target=0.0)
 RUNS = ("main", "keep_all", "filtered", "uniform", "uncertain")
 
 
@@ -57,7 +65,7 @@ def settings(argv: list[str]) -> dict:
     return s
 
 
-def loop_args(s: dict, name: str, data: tuple[Path, Path]) -> list[str]:
+def loop_args(s: dict, name: str, data: tuple[Path, ...]) -> list[str]:
     common = dict(model=s["model"], data=data[0], eval_data=data[1], output_dir=Path(s["output_dir"]) / name,
                   seed=s["seed"], precision=s["precision"], rollout_precision=s["precision"],
                   crowd=f"{Path(__file__).resolve()}:utility", crowd_size=s["crowd_size"],
@@ -66,6 +74,8 @@ def loop_args(s: dict, name: str, data: tuple[Path, Path]) -> list[str]:
                   lora=True, lora_r=16, lora_alpha=32, batch_size=8, max_length=512, progress=False, log_every=10,
                   compare_prompts=s["compare_prompts"], min_items=4,
                   **({"resume": True} if s["resume"] else {"overwrite": True}))
+    if name in ("uniform", "uncertain"):
+        common["data"], common["eval_data"] = data[2], data[3]
     runs = {
         "main": dict(rounds=s["rounds"], items_per_round=s["items"], overlap=s["overlap"],
                      crowd_adversarial=s["adversarial"], min_annotator_agreement=s["min_annotator_agreement"]),
@@ -186,12 +196,65 @@ def screenshots(store: Path, out: Path) -> list[str]:
     return shots
 
 
+def votes_to_reach(rounds: list[dict], target: float) -> int | None:
+    """The fewest votes after which the reward model's gold accuracy is at least ``target`` (None: never)."""
+    return next((r["votes_used"] for r in rounds if r["rm_gold_accuracy"] >= target), None)
+
+
+def active_summary(dirs: list[Path], target: float) -> str:
+    """Random order against least-certain first over seeds: each seed's accuracies, the mean curve, and the votes
+    each needs to reach ``target`` (default: random order's mean accuracy after all its votes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads((d / "feedback_demo.json").read_text()) for d in dirs]
+    seeds = [r["settings"]["seed"] for r in runs]
+    curves = {name: [r["results"][name]["rounds"] for r in runs] for name in ("uniform", "uncertain")}
+    votes = [x["votes_used"] for x in curves["uniform"][0]]
+    mean = {name: [sum(c[i]["rm_gold_accuracy"] for c in cs) / len(cs) for i in range(len(votes))]
+            for name, cs in curves.items()}
+    target = target or mean["uniform"][-1]
+    gold = runs[0]["results"]["uniform"]["rounds"][0]["gold_pairs"]
+    lines = [f"# Active selection over {len(runs)} seeds ({gold} gold pairs each)", "",
+             "| seed | selection | " + " | ".join(f"{v} votes" for v in votes) + f" | votes to reach {target:.3f} |",
+             "|---|---|" + "---|" * (len(votes) + 1)]
+    for i, seed in enumerate(seeds):
+        for name in curves:
+            rounds = curves[name][i]
+            lines.append(f"| {seed} | {name} | " + " | ".join(f"{x['rm_gold_accuracy']:.3f}" for x in rounds)
+                         + f" | {votes_to_reach(rounds, target) or 'not reached'} |")
+    for name in curves:
+        acc = [{"votes_used": v, "rm_gold_accuracy": a} for v, a in zip(votes, mean[name])]
+        lines.append(f"| mean | {name} | " + " | ".join(f"{a:.3f}" for a in mean[name])
+                     + f" | {votes_to_reach(acc, target) or 'not reached'} |")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in (("uniform", "tab:blue"), ("uncertain", "tab:orange")):
+        for rounds in curves[name]:
+            ax.plot(votes, [x["rm_gold_accuracy"] for x in rounds], color=color, alpha=0.3, lw=0.8)
+        ax.plot(votes, mean[name], "o-", color=color, label=f"{name} (mean of {len(runs)} seeds)")
+    ax.axhline(target, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("votes used")
+    ax.set_ylabel(f"reward model accuracy on the gold set ({gold} pairs)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dirs[0] / "active_selection.png", dpi=110)
+    plt.close(fig)
+    text = "\n".join(lines) + "\n\n![active selection](active_selection.png)\n"
+    (dirs[0] / "active_selection.md").write_text(text)
+    return text
+
+
 def main(argv: list[str]) -> None:
     from alignkit.cli import main as cli
 
     s = settings(argv)
+    if s["active_summary"]:
+        print(active_summary([Path(d) for d in s["active_summary"].split(",")], s["target"]))
+        return
     out = Path(s["output_dir"])
-    data = write_data(out / "data", "all")[:2]
+    data = write_data(out / "data", "all")[:2] + write_data(out / "data_gold", "all", s["gold"] - 150)[:2]
     results, minutes = {}, {}
     for name in [r for r in RUNS if not s["only"] or r in s["only"].split(",")]:
         t = time.time()

@@ -27,8 +27,9 @@ DEFAULTS = dict(
 )
 
 
-def write_data(out: Path, pool: str) -> tuple[Path, Path, int, int]:
-    """train.jsonl and test.jsonl (the DPO job's 150 held-out problems).
+def write_data(out: Path, pool: str, extra_held: int = 0) -> tuple[Path, Path, int, int]:
+    """train.jsonl and test.jsonl (the DPO job's 150 held-out problems, and ``extra_held`` more drawn from the
+    training pool with a fixed seed when a larger held-out set is wanted).
 
     ``pool="solved"``: the training problems of which at least one of the 4 shipped SmolLM2 samples is correct
     (``alignkit data fetch asdiv-prefs``): a curriculum's "drop prompts never solved", measured beforehand. With
@@ -42,6 +43,12 @@ def write_data(out: Path, pool: str) -> tuple[Path, Path, int, int]:
         train_ids = solved_ids(rows, samples[:-150])
     else:
         train_ids = [i for i in problem_ids(rows) if i not in held]
+    if extra_held:
+        import random
+
+        moved = set(random.Random(0).sample(train_ids, extra_held))
+        held |= moved
+        train_ids = [i for i in train_ids if i not in moved]
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, ids in (("train", train_ids), ("test", sorted(held))):

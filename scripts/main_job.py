@@ -40,7 +40,8 @@ EVAL = dict(suites="capability,winrate,safety,probes", math500_limit=30, ifbench
 
 def write_data(out: Path, n_held: int) -> tuple[Path, Path, int, int]:
     """``train.jsonl`` (the problems some shipped sample solves, of those the DPO lesson trained on) and
-    ``test.jsonl``: the lesson's 150 held-out problems, then problems never sampled, ``n_held`` in all."""
+    ``asdiv_heldout.jsonl`` (its stem names the set in the evaluation's report): the lesson's 150 held-out
+    problems, then problems never sampled, ``n_held`` in all."""
     rows = {r["id"]: r for r in map(json.loads, (fetch("asdiv") / "data.jsonl").read_text().splitlines())}
     samples = load_samples()
     sampled = {s["id"] for s in samples}
@@ -49,10 +50,10 @@ def write_data(out: Path, n_held: int) -> tuple[Path, Path, int, int]:
     train = solved_ids(rows, samples[:-N_EVAL])
     assert not set(train) & set(held)
     out.mkdir(parents=True, exist_ok=True)
-    for name, ids in (("train", train), ("test", held)):
+    for name, ids in (("train", train), ("asdiv_heldout", held)):
         (out / f"{name}.jsonl").write_text("".join(
             json.dumps({"prompt": user_message(rows[i]), "answer": rows[i]["answer"], "id": i}) + "\n" for i in ids))
-    return out / "train.jsonl", out / "test.jsonl", len(train), len(held)
+    return out / "train.jsonl", out / "asdiv_heldout.jsonl", len(train), len(held)
 
 
 def table(cap: dict) -> list[str]:
@@ -62,7 +63,7 @@ def table(cap: dict) -> list[str]:
     for name, entry in cap.items():
         if "reference" not in entry:
             continue
-        label = {"test": f"ASDiv accuracy ({entry['n']} problems)",
+        label = {"asdiv_heldout": f"ASDiv accuracy ({entry['n']} problems)",
                  "ifbench": f"IFBench strict prompt-level accuracy ({entry['n']})"}.get(
             name, f"{name} {entry.get('metric', 'accuracy')} ({entry['n']})")
         lo, hi = entry["ci_diff"]

