@@ -9,7 +9,9 @@ weight decay 0.1, so a wrong learning rate or a second step shows; ``adam_eps=1e
 3. resumed after a crash == uninterrupted (the optimizer state and the schedule round-trip through a checkpoint);
 4. a non-finite loss gets no backward and a finite loss with non-finite gradients moves no parameter (the
    fused kernel's ``found_inf``): either step is skipped, and the run goes on;
-5. what it cannot do is refused: clipping by the global norm, FSDP2, more than one process.
+5. what it cannot do is refused: clipping by the global norm, FSDP2, more than one process;
+6. on the CPU it pins glibc's mmap threshold: after a large block is freed, a 1 MiB block still gets its own mmap
+   (glibc would have raised the threshold and served it from the heap, which freed memory does not leave).
 """
 
 from __future__ import annotations
@@ -177,3 +179,43 @@ def test_what_it_cannot_do_is_refused(data, tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "world", lambda: 2)  # as under torchrun: the loop refuses before any step
     with pytest.raises(ConfigError, match="one process"):
         train(sft_recipe.SFTTask(tok.pad_token_id, cfg.logits_chunk), model, [], cfg)
+
+
+MMAP_PROBE = """
+import ctypes, sys
+import torch
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "in_backward":
+    from alignkit.train.in_backward import OptimizerInBackward, per_parameter_groups
+    w = torch.nn.Parameter(torch.zeros(4))
+    OptimizerInBackward(torch.optim.AdamW(per_parameter_groups([w])))
+libc.free(libc.malloc(8 << 20))  # freeing an 8 MiB mmapped block raises glibc's dynamic threshold past 1 MiB
+before = libc.mallinfo2().hblks
+block = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblks - before)
+libc.free(block)
+"""
+
+
+@pytest.mark.parametrize("setting, mmapped", [("in_backward", "1"), ("plain", "0")])
+def test_cpu_step_in_backward_pins_the_mmap_threshold(tmp_path, setting, mmapped):
+    """6: a fresh process; ``plain`` shows that without the pin glibc serves the 1 MiB block from the heap."""
+    import ctypes
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL(None).mallinfo2
+    except AttributeError:
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    probe = tmp_path / "probe.py"
+    probe.write_text(MMAP_PROBE)
+    proc = subprocess.run([sys.executable, str(probe), setting], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == mmapped
