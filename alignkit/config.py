@@ -746,6 +746,7 @@ class LoopConfig(RolloutConfig, DPOConfig):
     rewards: str = opt("", "Not used (the crowd or people judge).", list_as="comma")
     num_generations: int = opt(4, "align=rm: samples per prompt, the reward model's best against its worst.")
     eval_fraction: float = opt(0.2, "Share of the prompts held out: the reward model's gold set and the policies' comparison.")
+    gold_data: str = opt("", "A frozen gold set (preference pairs: prompt, chosen, rejected) the reward model is measured on each round, e.g. another loop's gold_pairs.jsonl; empty: made from the held-out prompts with a simulated crowd, else the store's gold items.")
     batch_size: int = opt(8, "Pairs per micro-batch of the reward model's and the policy's training.")
     lr: float = _like(DPOConfig, "lr")
     steps_are_rollouts = False

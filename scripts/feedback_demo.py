@@ -18,7 +18,8 @@ Runs (each one ``alignkit loop`` into OUTPUT/<name>):
 - ``uniform`` and ``uncertain``: the reward model only, ``votes`` votes a round (one annotator per pair, no
   adversaries) on pairs shown in random order or least-certain first out of ``pool`` x ``items`` proposed; their
   gold set is made from ``gold`` held-out problems (the 150 and more drawn from the training pool), so that the
-  two runs' accuracies differ by more than the gold set's sampling error.
+  two runs' accuracies differ by more than the gold set's sampling error (``uncertain`` reads ``uniform``'s
+  gold_pairs.jsonl, ``gold_data``, when it is there).
 
 ``active_summary=DIR,DIR,...`` runs nothing: it reads the ``uniform`` and ``uncertain`` runs of several seeds
 (each ``only=uniform,uncertain seed=S output_dir=DIR``) and writes, into the first DIR, active_selection.md and
@@ -76,6 +77,9 @@ def loop_args(s: dict, name: str, data: tuple[Path, ...]) -> list[str]:
                   **({"resume": True} if s["resume"] else {"overwrite": True}))
     if name in ("uniform", "uncertain"):
         common["data"], common["eval_data"] = data[2], data[3]
+        made = Path(s["output_dir"]) / "uniform" / "gold_pairs.jsonl"
+        if name == "uncertain" and made.exists():  # the same seed and base policy: the same pairs, made once
+            common["gold_data"] = made
     runs = {
         "main": dict(rounds=s["rounds"], items_per_round=s["items"], overlap=s["overlap"],
                      crowd_adversarial=s["adversarial"], min_annotator_agreement=s["min_annotator_agreement"]),

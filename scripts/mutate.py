@@ -778,6 +778,16 @@ MUTATIONS: list[Mutation] = [
     Mutation("loop_active_random", "alignkit/recipes/loop.py",
              "    if cfg.selection == \"uncertain\" and rm_path:", "    if False:",
              ("tests/test_feedback_loop.py",), "active selection shows pairs in random order", k="active"),
+    Mutation("loop_gold_data_ignored", "alignkit/recipes/loop.py",
+             "    gold = (frozen if frozen is not None else gold_pairs(", "    gold = (None if frozen is not None else gold_pairs(",
+             ("tests/test_feedback_loop.py",), "a given gold_data file is ignored: the reward model is measured on "
+             "no gold set (or a made one)", k="frozen"),
+    Mutation("loop_gold_data_read_late", "alignkit/recipes/loop.py",
+             "    frozen = read_gold(cfg.gold_data) if cfg.gold_data else None  # a bad file stops the run before any "
+             "model loads\n    out = prepare(cfg)\n",
+             "    out = prepare(cfg)\n    frozen = read_gold(cfg.gold_data) if cfg.gold_data else None\n",
+             ("tests/test_feedback_loop.py",), "a bad gold_data file is found only after the output directory is "
+             "prepared", k="frozen"),
     Mutation("loop_gate_ignores_agreement", "alignkit/recipes/loop.py",
              "            if g[\"agreement\"] is not None and g[\"agreement\"] < cfg.min_agreement:",
              "            if False:", ("tests/test_feedback_loop.py",), "votes that disagree are trained on", k="blocks"),

@@ -198,3 +198,26 @@ def test_realign_with_the_new_reward_model(tmp_path, align):
     if align == "grpo":  # online RL against the round's reward model
         cfg = (tmp_path / "out" / "round_1" / "policy" / "config.yaml").read_text()
         assert f"rm:{tmp_path / 'out' / 'round_1' / 'rm' / 'final'}" in cfg
+
+
+def test_frozen_gold_set_from_a_file(tmp_path, capsys):
+    """``gold_data``: the reward model is measured on the file's pairs (here loop a's own gold set with chosen and
+    rejected swapped: the same reward model scores 1 - a's accuracy), and none is made; a bad file exits 2 naming
+    its line and field before anything runs."""
+    code, a = loop(tmp_path, "rounds=1", "align=none", out="a")
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "gold_pairs.jsonl").read_text().splitlines()]
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in rows))
+    code, b = loop(tmp_path, "rounds=1", "align=none", f"gold_data={swapped}", out="b")
+    assert code == 0 and not (tmp_path / "b" / "gold_pairs.jsonl").exists()
+    ra, rb = a["rounds"][0], b["rounds"][0]
+    assert rb["gold_pairs"] == ra["gold_pairs"] == len(rows) > 0
+    assert rb["rm_gold_accuracy"] == pytest.approx(1 - ra["rm_gold_accuracy"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[0], "rejected": 5}) + "\n")
+    code, c = loop(tmp_path, "rounds=1", f"gold_data={bad}", out="c")
+    assert code == 2 and c is None and not (tmp_path / "c").exists()
+    err = capsys.readouterr().err
+    assert f"{bad}:2: field 'rejected'" in err, err[-500:]

@@ -16,7 +16,8 @@ reward model (none first):
 4. **reward model**: trained on every vote so far (:mod:`alignkit.feedback.export`'s pairs, soft-labelled by the
    share of votes, annotators under ``min_annotator_agreement`` with the others' consensus dropped), starting
    from the last round's reward model (warm start); its accuracy on a frozen gold set is recorded: pairs labelled
-   by the hidden utility on held-out prompts with a simulated crowd, the project's gold items otherwise;
+   by the hidden utility on held-out prompts with a simulated crowd, the project's gold items otherwise, or a file
+   of pairs (``gold_data``);
 5. **re-align**: DPO from the current policy on the round's voted pairs (``align=dpo``), or on on-policy pairs
    the new reward model labels, best against worst of ``num_generations`` samples (``align=rm``), or online RL
    against the new reward model (``align=grpo``: ``rl_steps`` GRPO steps with ``rewards=rm:...``); ``align=none``
@@ -202,6 +203,14 @@ def gold_pairs(cfg: LoopConfig, out: Path, held_ex, utility) -> list[dict]:
     return rows
 
 
+def read_gold(path: str) -> list[dict]:
+    """A frozen gold set from a file of preference pairs (validated: a bad row names its file, line and field)."""
+    from alignkit.data.formats import load_examples
+
+    return [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}
+            for e in load_examples(path, "preference").examples]
+
+
 def rm_accuracy(rm_path: str, pairs: list[dict], precision: str) -> float | None:
     """Share of pairs the reward model orders as the gold label does."""
     if not pairs:
@@ -243,12 +252,14 @@ def run(cfg: LoopConfig) -> dict:
     if not held_ex:
         raise ConfigError("the loop compares policies and measures the reward model on held-out prompts: set "
                           "eval_fraction > 0 or eval_data")
+    frozen = read_gold(cfg.gold_data) if cfg.gold_data else None  # a bad file stops the run before any model loads
     out = prepare(cfg)
     store = open_project(cfg, out)
     utility = utility_from_spec(cfg.crowd, cfg.crowd_weights, cfg.max_new_tokens) if cfg.crowd else None
     crowd = (SimulatedCrowd(store, cfg.project, utility, n=cfg.crowd_size, adversarial=cfg.crowd_adversarial,
                             temperature=cfg.crowd_temperature, seed=cfg.seed) if utility is not None else None)
-    gold = gold_pairs(cfg, out, held_ex, utility) if utility is not None else store_gold_pairs(store, cfg.project)
+    gold = (frozen if frozen is not None else gold_pairs(cfg, out, held_ex, utility) if utility is not None
+            else store_gold_pairs(store, cfg.project))
     compare_ex = held_ex[: cfg.compare_prompts] if cfg.compare_prompts else held_ex
 
     def judge_by(rm_path):
