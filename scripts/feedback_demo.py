@@ -205,6 +205,25 @@ def votes_to_reach(rounds: list[dict], target: float) -> int | None:
     return next((r["votes_used"] for r in rounds if r["rm_gold_accuracy"] >= target), None)
 
 
+def voted_gaps(run: Path) -> dict[int, dict]:
+    """Per round, over the pairs voted on in ``run``'s store: the mean hidden-utility gap ``|u(a) - u(b)|`` and the
+    share of pairs with one answer correct and the other not (what the crowd judges surely): what a selection
+    shows the annotators."""
+    from alignkit.feedback.store import SQLiteStore
+
+    store = SQLiteStore(run / "feedback.sqlite")
+    items = {it["id"]: it for it in store.items("loop")}
+    rounds: dict[int, list[tuple[float, bool]]] = {}
+    for vote in store.votes("loop"):
+        it = items[vote["item"]]
+        texts, answer = [r["text"] for r in it["responses"]], it["meta"]["columns"]["answer"]
+        ua, ub = utility(None, texts, [answer, answer])
+        rounds.setdefault(it["meta"]["round"], []).append(
+            (abs(ua - ub), is_correct(texts[0], answer) != is_correct(texts[1], answer)))
+    return {k: {"gap": sum(g for g, _ in v) / len(v), "one_correct": sum(c for _, c in v) / len(v), "votes": len(v)}
+            for k, v in sorted(rounds.items())}
+
+
 def active_summary(dirs: list[Path], target: float) -> str:
     """Random order against least-certain first over seeds: each seed's accuracies, the mean curve, and the votes
     each needs to reach ``target`` (default: random order's mean accuracy after all its votes)."""
@@ -222,17 +241,28 @@ def active_summary(dirs: list[Path], target: float) -> str:
     target = target or mean["uniform"][-1]
     gold = runs[0]["results"]["uniform"]["rounds"][0]["gold_pairs"]
     lines = [f"# Active selection over {len(runs)} seeds ({gold} gold pairs each)", "",
-             "| seed | selection | " + " | ".join(f"{v} votes" for v in votes) + f" | votes to reach {target:.3f} |",
-             "|---|---|" + "---|" * (len(votes) + 1)]
+             "| seed | selection | " + " | ".join(f"{v} votes" for v in votes) + f" | votes to reach {target:.3f} | "
+             "mean after round 1 |", "|---|---|" + "---|" * (len(votes) + 2)]
+
+    def row(label: str, name: str, acc: list[float]) -> str:
+        points = [{"votes_used": v, "rm_gold_accuracy": a} for v, a in zip(votes, acc)]
+        later = acc[1:] or acc  # round 1 shows the same random pairs to both
+        return (f"| {label} | {name} | " + " | ".join(f"{a:.3f}" for a in acc)
+                + f" | {votes_to_reach(points, target) or 'not reached'} | {sum(later) / len(later):.3f} |")
+
     for i, seed in enumerate(seeds):
-        for name in curves:
-            rounds = curves[name][i]
-            lines.append(f"| {seed} | {name} | " + " | ".join(f"{x['rm_gold_accuracy']:.3f}" for x in rounds)
-                         + f" | {votes_to_reach(rounds, target) or 'not reached'} |")
-    for name in curves:
-        acc = [{"votes_used": v, "rm_gold_accuracy": a} for v, a in zip(votes, mean[name])]
-        lines.append(f"| mean | {name} | " + " | ".join(f"{a:.3f}" for a in mean[name])
-                     + f" | {votes_to_reach(acc, target) or 'not reached'} |")
+        lines += [row(str(seed), name, [x["rm_gold_accuracy"] for x in curves[name][i]]) for name in curves]
+    lines += [row("mean", name, mean[name]) for name in curves]
+    if all((d / name / "feedback.sqlite").exists() for d in dirs for name in curves):
+        gaps = {name: [voted_gaps(d / name) for d in dirs] for name in curves}
+        ks = sorted(gaps["uniform"][0])
+        lines += ["", "The pairs voted on, each round (mean over seeds): the hidden-utility gap |u(a) - u(b)|, and the "
+                  "share with one answer correct and the other not", "",
+                  "| selection | " + " | ".join(f"round {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for name, per_seed in gaps.items():
+            cells = [(sum(g[k]["gap"] for g in per_seed) / len(per_seed),
+                      sum(g[k]["one_correct"] for g in per_seed) / len(per_seed)) for k in ks]
+            lines.append(f"| {name} | " + " | ".join(f"{gap:.2f} ({one:.2f})" for gap, one in cells) + " |")
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, color in (("uniform", "tab:blue"), ("uncertain", "tab:orange")):
         for rounds in curves[name]:

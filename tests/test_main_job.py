@@ -136,13 +136,49 @@ def test_feedback_demo_active_summary(tmp_path):
         dirs.append(d)
     text = feedback_demo.active_summary(dirs, 0.0)
     assert "votes to reach 0.820 " in text  # (0.80 + 0.84) / 2
-    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[-2].strip() for line in text.splitlines()
-            if line.startswith("| ") and "seed" not in line}
+    cells = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[-3:-1]]
+             for line in text.splitlines() if line.startswith("| ") and "seed" not in line}
+    rows = {k: v[0] for k, v in cells.items()}
+    assert cells[("0", "uncertain")][1] == "0.815" and cells[("1", "uniform")][1] == "0.810"  # rounds 2 and 3
     assert rows[("0", "uniform")] == "not reached" and rows[("0", "uncertain")] == "72"
     assert rows[("1", "uniform")] == "72" and rows[("1", "uncertain")] == "48"
     assert rows[("mean", "uniform")] == "72" and rows[("mean", "uncertain")] == "48"  # means 0.71 / 0.83 / 0.84
     assert (tmp_path / "s0" / "active_selection.png").stat().st_size > 0
     assert feedback_demo.active_summary(dirs, 0.9).count("not reached") == 6
+    assert "The pairs voted on" not in text  # the runs' stores are not there
+
+
+def test_feedback_demo_voted_gaps(tmp_path):
+    """What a selection showed the annotators: per round, the mean hidden-utility gap of the voted pairs and the
+    share with exactly one correct answer (unvoted items do not count)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import feedback_demo
+
+    from alignkit.feedback.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "feedback.sqlite", seed=0)
+    store.create_project("loop", "pairwise", overlap=1)
+    rows = [("The answer is 5", "one two three four five six seven eight nine The answer is 7", "5", 1),
+            ("a b c The answer is 3", "The answer is 4", "9", 2), ("The answer is 9", "The answer is 8", "9", 2)]
+    store.add_items("loop", [{"prompt": f"q{i}", "responses": [a, b], "meta": {"round": k, "columns": {"answer": ans}}}
+                             for i, (a, b, ans, k) in enumerate(rows)])
+    who = store.authenticate(store.add_annotator("ann"))["id"]
+    for _ in range(2):  # the third item is never voted on
+        task = store.next_task(who, "loop")
+        store.submit(who, task["lease"], {"choice": "a"})
+    voted = {it["id"] for it in store.items("loop")} & {v["item"] for v in store.votes("loop")}
+    gaps = feedback_demo.voted_gaps(tmp_path)
+    expected: dict = {}
+    for it in store.items("loop"):  # u = correct - words / 40: 1.225 with one correct; 3 / 40; 1 with one correct
+        if it["id"] in voted:
+            a, b = (r["text"] for r in it["responses"])
+            gap = {"The answer is 5": 1.225, "a b c The answer is 3": 0.075, "The answer is 9": 1.0}[a]
+            expected.setdefault(it["meta"]["round"], []).append((gap, a != "a b c The answer is 3"))
+    assert set(gaps) == set(expected)
+    for k, v in expected.items():
+        assert gaps[k]["votes"] == len(v)
+        assert gaps[k]["gap"] == pytest.approx(sum(g for g, _ in v) / len(v))
+        assert gaps[k]["one_correct"] == pytest.approx(sum(c for _, c in v) / len(v))
 
 
 def test_write_data_extra_held_out(tmp_path):
