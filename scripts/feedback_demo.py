@@ -239,7 +239,8 @@ def active_summary(dirs: list[Path], target: float) -> str:
     mean = {name: [sum(c[i]["rm_gold_accuracy"] for c in cs) / len(cs) for i in range(len(votes))]
             for name, cs in curves.items()}
     target = target or mean["uniform"][-1]
-    gold = runs[0]["results"]["uniform"]["rounds"][0]["gold_pairs"]
+    sizes = sorted({r["results"][name]["rounds"][0]["gold_pairs"] for r in runs for name in curves})
+    gold = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     lines = [f"# Active selection over {len(runs)} seeds ({gold} gold pairs each)", "",
              "| seed | selection | " + " | ".join(f"{v} votes" for v in votes) + f" | votes to reach {target:.3f} | "
              "mean after round 1 |", "|---|---|" + "---|" * (len(votes) + 2)]
